@@ -1,0 +1,147 @@
+"""Zeroth-order gradient estimators, split along the client/server line.
+
+Client half, :func:`probe` (forward passes only, O(n) memory):
+    forward ("twice-FD", K+1 passes):  u_k = (L(W + sigma z_k) - L(W)) / sigma
+    central (2K passes):               u_k = (L(W + sigma z_k) - L(W - sigma z_k)) / (2 sigma)
+It uploads the K directional derivatives u_k (not the raw differences d_k: u_k does
+not depend on sigma and is O(|grad|), which fixed-point secure aggregation needs).
+
+Server half, :func:`combine` (Stein's identity, O(n) memory streaming over k):
+    g_hat = (1/K) sum_k u_k z_k
+For z ~ N(0, I), E[z z^T] = I, so E[g_hat] = grad L_sigma(W), the gradient of the
+Gaussian-smoothed loss L_sigma(W) = E_z L(W + sigma z) (Nesterov & Spokoiny 2017;
+BAFFLE, Feng et al. 2023, eq. 3-5). Its relative error shrinks like sqrt(n / K):
+E[cos(g_hat, g)] ~ sqrt(K / (K + n + 1)) for a linear loss.
+
+g_hat is linear in u, so the server only ever needs the weighted sum of the
+clients' u vectors: exactly what (secure) aggregation delivers.
+
+Directions z_k are regenerated from the round seed by the portable stream in
+:mod:`baffle.perturb`; at most ``block`` of them are held at once (block x n floats).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .perturb import Layout
+from .perturb_torch import flat_directions
+
+SCHEMES = ("forward", "central")
+FlatLoss = Callable[[torch.Tensor], float]
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """What a client needs to probe: the server -> client half of a FedSGD round.
+
+    seed: round seed keying the direction stream; stream: purpose word (local step).
+    """
+
+    seed: int
+    num_perturbations: int
+    sigma: float
+    scheme: str = "forward"
+    stream: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_perturbations < 1:
+            raise ValueError(f"num_perturbations (K) must be >= 1, got {self.num_perturbations}")
+        if not self.sigma > 0 or self.sigma != self.sigma or self.sigma == float("inf"):
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r} (choose from {', '.join(SCHEMES)})")
+
+    @property
+    def forward_passes(self) -> int:
+        """Forward passes one probe costs: K+1 (forward) or 2K (central)."""
+        k = self.num_perturbations
+        return k + 1 if self.scheme == "forward" else 2 * k
+
+
+def _blocks(k: int, block: int):
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    for a in range(0, k, block):
+        yield a, min(k, a + block)
+
+
+def probe(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int = 8) -> torch.Tensor:
+    """Client half: the K directional derivatives u (float32, shape (K,)).
+
+    ``loss(v)`` evaluates L at the flat weight vector v (forward pass only).
+    Memory: w, one perturbed copy and ``block`` directions: (block + 2) x n floats.
+    """
+    n, sigma = w.numel(), plan.sigma
+    u = torch.empty(plan.num_perturbations, dtype=torch.float64)
+    base = loss(w) if plan.scheme == "forward" else None
+    wp = torch.empty_like(w)
+    for a, b in _blocks(plan.num_perturbations, block):
+        z = flat_directions(plan.seed, range(a, b), n, plan.stream, w.device)
+        for i in range(b - a):
+            torch.add(w, z[i], alpha=sigma, out=wp)
+            plus = loss(wp)
+            if base is not None:
+                u[a + i] = (plus - base) / sigma
+            else:
+                torch.add(w, z[i], alpha=-sigma, out=wp)
+                u[a + i] = (plus - loss(wp)) / (2 * sigma)
+    return u.to(torch.float32)
+
+
+def combine(u: torch.Tensor, n: int, plan: ProbePlan, block: int = 8, device=None) -> torch.Tensor:
+    """Server half: g_hat = (1/K) sum_k u_k z_k as a flat float32 vector of length n."""
+    k = plan.num_perturbations
+    if u.shape != (k,):
+        raise ValueError(f"expected {k} scalars, got shape {tuple(u.shape)}")
+    g = torch.zeros(n, dtype=torch.float32, device=device)
+    u = u.to(device=device, dtype=torch.float32)
+    for a, b in _blocks(k, block):
+        z = flat_directions(plan.seed, range(a, b), n, plan.stream, device)
+        g.addmv_(z.T, u[a:b])
+    return g.div_(k)
+
+
+# ---- dict-of-tensors convenience layer -------------------------------------------------
+
+def layout_of(params: Mapping[str, torch.Tensor]) -> Layout:
+    """The flat layout of a parameter dict, in its iteration order."""
+    return Layout.from_shapes([(name, p.shape) for name, p in params.items()])
+
+
+def flatten(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params.values()])
+
+
+def unflatten(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    return {name: flat[a:b].view(shape) for name, shape, a, b in layout.slices()}
+
+
+def zo_gradient(
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor | float],
+    params: Mapping[str, torch.Tensor],
+    num_perturbations: int,
+    sigma: float = 1e-4,
+    seed: int = 0,
+    scheme: str = "forward",
+    stream: int = 0,
+    block: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Zeroth-order gradient estimate shaped like ``params`` (probe + combine in one call).
+
+    ``loss_fn(params_dict)`` must return the scalar loss; it is only ever called
+    under ``torch.no_grad()`` with perturbed copies of the parameters.
+    """
+    plan = ProbePlan(seed, num_perturbations, sigma, scheme, stream)
+    layout = layout_of(params)
+    w = flatten(params)
+
+    def flat_loss(v: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(loss_fn(unflatten(v, layout)))
+
+    u = probe(flat_loss, w, plan, block)
+    g = combine(u, w.numel(), plan, block, w.device)
+    return {name: t.clone() for name, t in unflatten(g, layout).items()}
