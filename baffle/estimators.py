@@ -74,11 +74,22 @@ def probe(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int = 8) -> t
     ``loss(v)`` evaluates L at the flat weight vector v (forward pass only).
     Memory: w, one perturbed copy and ``block`` directions: (block + 2) x n floats.
     """
-    n, sigma = w.numel(), plan.sigma
-    u = torch.empty(plan.num_perturbations, dtype=torch.float64)
+    return _probe(loss, w, plan, block, accumulate=False)[0]
+
+
+def probe_and_combine(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int = 8):
+    """(u, g_hat) in one pass: each block of directions is generated once and used
+    both to probe and to accumulate g_hat (a client that steps locally needs both)."""
+    return _probe(loss, w, plan, block, accumulate=True)
+
+
+def _probe(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int, accumulate: bool):
+    n, sigma, k = w.numel(), plan.sigma, plan.num_perturbations
+    u = torch.empty(k, dtype=torch.float64)
+    g = torch.zeros(n, dtype=torch.float32, device=w.device) if accumulate else None
     base = loss(w) if plan.scheme == "forward" else None
     wp = torch.empty_like(w)
-    for a, b in _blocks(plan.num_perturbations, block):
+    for a, b in _blocks(k, block):
         z = flat_directions(plan.seed, range(a, b), n, plan.stream, w.device)
         for i in range(b - a):
             torch.add(w, z[i], alpha=sigma, out=wp)
@@ -88,7 +99,10 @@ def probe(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int = 8) -> t
             else:
                 torch.add(w, z[i], alpha=-sigma, out=wp)
                 u[a + i] = (plus - loss(wp)) / (2 * sigma)
-    return u.to(torch.float32)
+        if g is not None:
+            g.addmv_(z.T, u[a:b].to(torch.float32))
+    u = u.to(torch.float32)
+    return u, (g.div_(k) if g is not None else None)
 
 
 def combine(u: torch.Tensor, n: int, plan: ProbePlan, block: int = 8, device=None) -> torch.Tensor:
@@ -142,6 +156,5 @@ def zo_gradient(
         with torch.no_grad():
             return float(loss_fn(unflatten(v, layout)))
 
-    u = probe(flat_loss, w, plan, block)
-    g = combine(u, w.numel(), plan, block, w.device)
+    _, g = probe_and_combine(flat_loss, w, plan, block)
     return {name: t.clone() for name, t in unflatten(g, layout).items()}

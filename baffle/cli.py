@@ -1,0 +1,111 @@
+"""The ``baffle`` command: ``baffle run``, ``baffle presets``.
+
+The only layer that talks to the user: progress bar, summaries, one-line errors
+(exit code 2 for bad input, 130 for Ctrl-C, with the command that resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_preset, preset_names, resolve
+from .data import DataError
+
+DEFAULT_PRESET = "quick"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        self.exit(2, f"baffle: error: {message}\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="baffle", description="Backpropagation-free federated learning (BAFFLE).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run a preset, with options overriding it",
+                         description="Run a preset; every option below overrides the preset's value.")
+    run.add_argument("--preset", default=None, help=f"preset name (default {DEFAULT_PRESET}; see `baffle presets`)")
+    run.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>-<time>)")
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    opts = run.add_argument_group("run options (override the preset)")
+    defaults = RunConfig()
+    for name, kind in RunConfig.field_types().items():
+        if name in ("preset", "description"):
+            continue
+        opts.add_argument(_flag(name), dest=f"opt_{name}", type=str, default=None, metavar=kind.__name__.upper(),
+                          help=f"(default {getattr(defaults, name)!r})")
+    sub.add_parser("presets", help="list the presets")
+    return p
+
+
+def cmd_presets() -> int:
+    for name in preset_names():
+        desc = load_preset(name).get("description", "")
+        print(f"{name:28s} {desc}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import runs
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    if overrides.get("data_root") == "":
+        overrides["data_root"] = None
+    if args.resume is not None:
+        stored = runs.check_resumable(args.resume, None)
+        if args.preset or overrides:  # a resume that restates its config must restate it exactly
+            runs.check_resumable(args.resume, resolve(args.preset or stored.preset, overrides))
+        config, out = stored, args.resume
+    else:
+        config = resolve(args.preset or DEFAULT_PRESET, overrides)
+        out = runs.new_run_dir(config, args.out)
+    torch.set_num_threads(config.threads)
+    setup = runs.build(config)
+    err = sys.stderr
+    print(f"baffle: {config.preset}: {config.description}", file=err)
+    print(f"baffle: client label counts ({config.partition} partition):\n{setup.label_summary}", file=err)
+    print(f"baffle: {config.model} ({setup.simulator.n:,} parameters), {config.method} {config.mode}, "
+          f"K={config.num_perturbations}, {config.rounds} rounds; run directory: {out}", file=err)
+    bar = tqdm(total=config.rounds, unit="round", disable=args.quiet, file=err, dynamic_ncols=True)
+
+    def on_round(row: dict) -> None:
+        if row["test_top1"] is not None:
+            bar.set_postfix(acc=f"{100 * row['test_top1']:.2f}%", loss=f"{row['test_loss']:.3f}", refresh=False)
+        bar.update(1)
+
+    try:
+        summary = runs.execute(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"baffle: interrupted; continue with: baffle run --resume {out}", file=err)
+        return 130
+    bar.close()
+    print(f"run directory: {out}")
+    print(f"final test accuracy: {100 * summary['final_test_top1']:.2f}% "
+          f"(best {100 * summary['best_test_top1']:.2f}% at round {summary['best_round']}), "
+          f"wall {summary['wall_seconds']:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        if args.command == "presets":
+            return cmd_presets()
+        return cmd_run(args)
+    except (ConfigError, DataError) as e:
+        print(f"baffle: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Run configuration: one flat, fully resolved record, presets and overrides.
+
+A preset is a small JSON file in ``baffle/presets/`` holding a subset of the
+fields of :class:`RunConfig`; command-line options override it; the resolved
+record is what ``config.json`` in the run directory holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .data import PARTITIONERS
+from .modes import Algorithm
+from .server import ServerOptions
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A bad option, value or preset: the message names it."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # what to train
+    dataset: str = "mnist"
+    data_root: str | None = None
+    model: str = "lenet"
+    norm: str = "none"
+    activation: str = "hardswish"
+    # federation
+    num_clients: int = 10
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    min_client_size: int = 1
+    client_fraction: float = 1.0
+    rounds: int = 20
+    # the algorithm (see baffle.modes.Algorithm)
+    mode: str = "fedsgd"
+    method: str = "baffle"
+    num_perturbations: int = 100
+    sigma: float = 1e-4
+    scheme: str = "forward"
+    batch_size: int = 32
+    local_epochs: int = 1
+    local_steps: int = 0
+    client_optimizer: str = "adam"
+    client_lr: float = 0.01
+    # the server (see baffle.server.ServerOptions)
+    server_optimizer: str = "adam"
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    ema_decay: float = 0.0
+    # running
+    seed: int = 0
+    eval_every: int = 1
+    train_eval_size: int = 2000
+    threads: int = 2
+    probe_block: int = 8
+    preset: str = ""
+    description: str = ""
+
+    def algorithm(self) -> Algorithm:
+        return Algorithm(
+            mode=self.mode, method=self.method, num_perturbations=self.num_perturbations, sigma=self.sigma,
+            scheme=self.scheme, batch_size=self.batch_size, local_epochs=self.local_epochs,
+            local_steps=self.local_steps, client_optimizer=self.client_optimizer, client_lr=self.client_lr,
+            betas=(self.beta1, self.beta2), probe_block=self.probe_block,
+        )
+
+    def server_options(self) -> ServerOptions:
+        return ServerOptions(self.server_optimizer, self.server_lr, (self.beta1, self.beta2), self.ema_decay)
+
+    def validate(self) -> "RunConfig":
+        """Check every value; raise ConfigError naming the first bad one."""
+        try:
+            self.algorithm()
+            self.server_options()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for name in ("num_clients", "rounds", "eval_every", "threads", "shards_per_client", "min_client_size",
+                     "train_eval_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 < self.client_fraction <= 1:
+            raise ConfigError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
+        if self.partition not in PARTITIONERS:
+            raise ConfigError(f"unknown partition {self.partition!r} (choose from {', '.join(PARTITIONERS)})")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        kinds = {"int": int, "float": float, "str": str, "str | None": str}
+        return {f.name: kinds[f.type] for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
+        types = cls.field_types()
+        unknown = sorted(set(values) - set(types))
+        if unknown:
+            raise ConfigError(f"unknown option {unknown[0]!r} in {source}")
+        return cls(**{k: coerce(k, v, types[k]) for k, v in values.items()})
+
+
+def coerce(name: str, value: Any, kind: type) -> Any:
+    """Convert a JSON or command-line value to the field's type, naming it on failure."""
+    if value is None and name == "data_root":
+        return None
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r} (see `baffle presets`: {', '.join(preset_names())})")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"preset {name!r} is not valid JSON: {e}") from None
+    values["preset"] = name
+    return values
+
+
+def resolve(preset: str, overrides: dict[str, Any]) -> RunConfig:
+    """Preset values, then overrides; validated."""
+    values = load_preset(preset)
+    values.update(overrides)
+    return RunConfig.from_dict(values, source=f"preset {preset!r}").validate()

@@ -1,0 +1,248 @@
+"""Communication modes, split along the client/server line.
+
+FedSGD (batch level), round t:
+    server -> client  RoundPlan(t, seed_t, W)
+    client            u_c = probe(L_c on one local batch, W, seed_t)      (K scalars)
+    client -> server  Upload(u_c)                                          4K bytes
+    server            u = sum_c (N_c/N) u_c;  g_hat = combine(u, seed_t);  optimiser step
+FedAvg (epoch level), round t:
+    client            E local epochs of forward-only steps
+                        W_c <- opt_c(W_c, g_hat_c(s)),  g_hat_c(s) from seed (seed_t, c, step s)
+    client -> server  Upload(W_c - W)                                      4n bytes
+    server            pseudo-gradient -sum_c (N_c/N)(W_c - W) into the server optimiser
+                      (server SGD with lr 1 is plain FedAvg)
+
+The backpropagation baseline runs the same two modes with autograd gradients in
+place of the estimate: FedSGD uploads the n-float gradient, FedAvg the model delta.
+Everything the server builds is linear in the uploaded vectors, so aggregation is
+one weighted sum (see :mod:`baffle.aggregation`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import ArrayDataset
+from .estimators import SCHEMES, ProbePlan, combine, probe, probe_and_combine
+from .flatmodel import FlatModel
+from .perturb import derive_seed
+
+MODES = ("fedsgd", "fedavg")
+METHODS = ("baffle", "backprop")
+OPTIMIZERS = ("sgd", "adam")
+SEED_BYTES = 8
+FLOAT_BYTES = 4
+
+# purpose words for derive_seed: one per use of randomness
+TAG_ROUND, TAG_DATA, TAG_LOCAL, TAG_SAMPLE, TAG_INIT, TAG_EVAL = 1, 2, 3, 4, 5, 6
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Everything a client must know to do its part of a round (fixed for a run)."""
+
+    mode: str = "fedsgd"
+    method: str = "baffle"
+    num_perturbations: int = 100
+    sigma: float = 1e-4
+    scheme: str = "forward"
+    batch_size: int = 32
+    local_epochs: int = 1
+    local_steps: int = 0  # FedAvg: cap on local steps per round (0 = full epochs)
+    client_optimizer: str = "adam"
+    client_lr: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    probe_block: int = 8
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, MODES)
+        _choice("method", self.method, METHODS)
+        _choice("scheme", self.scheme, SCHEMES)
+        _choice("client_optimizer", self.client_optimizer, OPTIMIZERS)
+        for name in ("num_perturbations", "batch_size", "local_epochs", "probe_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_steps < 0:
+            raise ValueError(f"local_steps must be >= 0, got {self.local_steps}")
+        if not self.sigma > 0 or not np.isfinite(self.sigma):
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if not self.client_lr > 0:
+            raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
+        for b in self.betas:
+            if not 0 <= b < 1:
+                raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+    def probe_plan(self, seed: int, stream: int = 0) -> ProbePlan:
+        return ProbePlan(seed, self.num_perturbations, self.sigma, self.scheme, stream)
+
+    def uplink_floats(self, n: int) -> int:
+        """Floats one client uploads per round."""
+        if self.mode == "fedsgd" and self.method == "baffle":
+            return self.num_perturbations
+        return n
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(options)})")
+
+
+def make_optimizer(name: str, param: torch.nn.Parameter, lr: float, betas: tuple[float, float]):
+    """SGD or Adam over one flat parameter (no hidden schedule, clipping or decay)."""
+    _choice("optimizer", name, OPTIMIZERS)
+    if name == "adam":
+        return torch.optim.Adam([param], lr=lr, betas=betas)
+    return torch.optim.SGD([param], lr=lr)
+
+
+# ---- wire messages ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Server -> client: the round number, its seed and the global weights."""
+
+    round: int
+    seed: int
+    weights: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return FLOAT_BYTES * self.weights.numel() + SEED_BYTES
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Client -> server: one float32 vector (u, a gradient or a model delta)."""
+
+    client: int
+    round: int
+    vector: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return FLOAT_BYTES * self.vector.numel()
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """Local accounting, kept by the simulator, never sent."""
+
+    forward_passes: int
+    backward_passes: int
+    train_loss: float
+
+
+# ---- client data ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClientData:
+    """A client's local examples and its seeded batch order.
+
+    Epoch e visits the examples in the permutation seeded by (run seed, client, e);
+    batch i of the client's stream is batch i % b of epoch i // b, with
+    b = floor(N_c / B) full batches per epoch (a client smaller than B uses all it has).
+    """
+
+    client: int
+    data: ArrayDataset
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return max(1, len(self.data) // batch_size)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(derive_seed(self.seed, TAG_DATA, self.client, epoch))
+        return rng.permutation(len(self.data))
+
+    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        per = self.batches_per_epoch(batch_size)
+        epoch, i = divmod(index, per)
+        idx = torch.from_numpy(self.epoch_order(epoch)[i * batch_size : (i + 1) * batch_size])
+        return self.data.x[idx], self.data.y[idx]
+
+
+# ---- client half ----------------------------------------------------------------------
+
+def client_update(model: FlatModel, data: ClientData, plan: RoundPlan, algo: Algorithm) -> tuple[Upload, ClientStats]:
+    """What one client computes in a round, forward passes only for ``method='baffle'``."""
+    if algo.mode == "fedsgd":
+        return _fedsgd_client(model, data, plan, algo)
+    return _fedavg_client(model, data, plan, algo)
+
+
+def _fedsgd_client(model, data, plan, algo):
+    x, y = data.batch(plan.round, algo.batch_size)
+    w = plan.weights
+    if algo.method == "backprop":
+        g, loss = model.grad(w, x, y)
+        return Upload(data.client, plan.round, g), ClientStats(1, 1, loss)
+    probe_plan = algo.probe_plan(plan.seed)
+    losses: list[float] = []
+
+    def loss_fn(v: torch.Tensor) -> float:
+        losses.append(model.loss(v, x, y))
+        return losses[-1]
+
+    u = probe(loss_fn, w, probe_plan, algo.probe_block)
+    return Upload(data.client, plan.round, u), ClientStats(len(losses), 0, losses[0])
+
+
+def local_steps(data: ClientData, algo: Algorithm) -> int:
+    """FedAvg local steps per round: E epochs of full batches, capped by ``local_steps``."""
+    steps = algo.local_epochs * data.batches_per_epoch(algo.batch_size)
+    return min(steps, algo.local_steps) if algo.local_steps else steps
+
+
+def _fedavg_client(model, data, plan, algo):
+    w = torch.nn.Parameter(plan.weights.clone())
+    opt = make_optimizer(algo.client_optimizer, w, algo.client_lr, algo.betas)
+    steps = local_steps(data, algo)
+    step_seed = derive_seed(plan.seed, TAG_LOCAL, data.client)
+    forwards = 0
+    loss_sum = 0.0
+    start = plan.round * steps  # the client's batch stream continues across rounds
+    for s in range(steps):
+        x, y = data.batch(start + s, algo.batch_size)
+        if algo.method == "backprop":
+            g, loss = model.grad(w.detach(), x, y)
+            forwards += 1
+        else:
+            seen: list[float] = []
+
+            def loss_fn(v: torch.Tensor) -> float:
+                seen.append(model.loss(v, x, y))
+                return seen[-1]
+
+            _, g = probe_and_combine(loss_fn, w.detach(), algo.probe_plan(step_seed, stream=s), algo.probe_block)
+            loss, forwards = seen[0], forwards + len(seen)
+        loss_sum += loss
+        w.grad = g
+        opt.step()
+    backwards = steps if algo.method == "backprop" else 0
+    delta = (w.detach() - plan.weights).to(torch.float32)
+    return Upload(data.client, plan.round, delta), ClientStats(forwards, backwards, loss_sum / steps)
+
+
+# ---- server half ----------------------------------------------------------------------
+
+def server_decode(aggregate: torch.Tensor, plan: RoundPlan, algo: Algorithm) -> torch.Tensor:
+    """Pseudo-gradient for the server optimiser from the aggregated upload vector.
+
+    FedSGD baffle: g_hat = combine(u) (Stein); FedSGD backprop: the mean gradient;
+    FedAvg: minus the mean model delta.
+    """
+    n = plan.weights.numel()
+    if algo.mode == "fedavg":
+        return -aggregate
+    if algo.method == "backprop":
+        return aggregate
+    return combine(aggregate, n, algo.probe_plan(plan.seed), algo.probe_block, plan.weights.device)
+
+
+def round_seed(run_seed: int, t: int) -> int:
+    return derive_seed(run_seed, TAG_ROUND, t)

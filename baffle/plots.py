@@ -1,0 +1,31 @@
+"""Accuracy and loss curves of a run, rendered to PNG bytes (matplotlib, no display)."""
+from __future__ import annotations
+
+import io
+
+
+def plot_curves(metrics: list[dict], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [m for m in metrics if m["test_top1"] is not None]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
+    acc.plot([m["round"] for m in ev], [100 * m["test_top1"] for m in ev], marker=".", label="test top-1")
+    acc.plot([m["round"] for m in ev], [100 * m["test_top5"] for m in ev], marker=".", label="test top-5")
+    acc.set(xlabel="round", ylabel="accuracy (%)", title="accuracy")
+    acc.grid(alpha=0.3)
+    acc.legend()
+    loss.plot([m["round"] for m in ev], [m["test_loss"] for m in ev], marker=".", label="test loss")
+    loss.plot([m["round"] for m in ev], [m["train_loss"] for m in ev], marker=".", label="train loss")
+    loss.plot([m["round"] for m in metrics], [m["client_loss"] for m in metrics], alpha=0.5, label="client batch loss")
+    loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
+    loss.grid(alpha=0.3)
+    loss.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,205 @@
+"""The run directory: config, metrics, checkpoints, summary, plot and weights.
+
+    config.json        the fully resolved RunConfig
+    metrics.jsonl      one line per round (RoundRecord + wall_seconds)
+    checkpoint.pt      state after the last finished round (for --resume)
+    summary.json       final and best accuracy, totals, wall time, peak memory
+    curves.png         accuracy and loss per round
+    model.safetensors  the final evaluated weights (the EMA when it is on)
+
+Every file is written atomically (temporary file, fsync, rename), metrics before
+the checkpoint, so a run killed at any instant resumes from its last checkpoint
+and, being deterministic, ends with the same metrics as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ConfigError, RunConfig
+from .data import DataError, label_summary, load_dataset, partition
+from .models import ModelSpec, build_model
+from .modes import TAG_INIT, TAG_DATA
+from .perturb import derive_seed
+from .simulation import Simulator
+
+CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
+PLOT, WEIGHTS = "curves.png", "model.safetensors"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a run needs, built from its config before anything is written."""
+
+    simulator: Simulator
+    label_summary: str
+
+
+def build(config: RunConfig) -> Setup:
+    """Data, partition, model and simulator for ``config`` (raises DataError/ConfigError)."""
+    train, test = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    if config.num_clients > len(train):
+        raise ConfigError(f"more clients ({config.num_clients}) than training examples ({len(train)})")
+    labels = train.y.numpy()
+    rng = np.random.default_rng(derive_seed(config.seed, TAG_DATA))
+    parts = partition(labels, config.num_clients, config.partition, rng, alpha=config.alpha,
+                      shards_per_client=config.shards_per_client, min_size=config.min_client_size)
+    spec = ModelSpec(config.model, in_channels=train.x.shape[1], num_classes=train.num_classes,
+                     image_size=train.x.shape[-1], norm=config.norm, activation=config.activation)
+    try:
+        gen = torch.Generator().manual_seed(derive_seed(config.seed, TAG_INIT) >> 1)
+        model = build_model(spec, generator=gen)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    sim = Simulator(model, [train.subset(p) for p in parts], test, config.algorithm(), config.server_options(),
+                    client_fraction=config.client_fraction, seed=config.seed,
+                    train_eval_size=config.train_eval_size)
+    return Setup(sim, label_summary(labels, parts, train.num_classes))
+
+
+def read_metrics(path: Path, upto: int) -> list[dict]:
+    """Metric lines of rounds 1..upto (lines past the checkpoint are dropped)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if row.get("round", upto + 1) > upto:
+            break
+        rows.append(row)
+    return rows
+
+
+def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
+    """The stored config of run directory ``out``; ``config`` (if given) must match it."""
+    cfg_path = out / CONFIG
+    if not cfg_path.is_file():
+        raise ConfigError(f"cannot resume {out}: no {CONFIG} there")
+    try:
+        stored = RunConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path)).validate()
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"cannot resume {out}: {CONFIG} is corrupt ({e})") from None
+    if config is not None and config != stored:
+        a, b = stored.to_dict(), config.to_dict()
+        diff = next(k for k in a if a[k] != b[k])
+        raise ConfigError(f"resume directory {out} was made with another configuration: "
+                          f"{diff} = {a[diff]!r} there, {b[diff]!r} now")
+    return stored
+
+
+def new_run_dir(config: RunConfig, out: Path | None) -> Path:
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{config.preset or 'run'}-{stamp}"
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"run directory {out} already exists and is not empty (use --resume {out} or another --out)")
+    return out
+
+
+def execute(
+    config: RunConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    setup: Setup | None = None,
+    on_round: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run (or resume) ``config`` in directory ``out``; return the summary."""
+    setup = setup or build(config)
+    sim = setup.simulator
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: list[dict] = []
+    wall = 0.0
+    ckpt = out / CHECKPOINT
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        sim.load_state_dict(state["simulator"])
+        wall = float(state["wall_seconds"])
+        metrics = read_metrics(out / METRICS, sim.round)
+    else:
+        write_json(out / CONFIG, config.to_dict())
+    for row in metrics:
+        if on_round:
+            on_round(row)
+    while sim.round < config.rounds:
+        t0 = time.perf_counter()
+        last = sim.round + 1 == config.rounds
+        record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0)
+        wall += time.perf_counter() - t0
+        row = {**record.to_dict(), "wall_seconds": round(wall, 3)}
+        metrics.append(row)
+        atomic_write(out / METRICS, "".join(json.dumps(r) + "\n" for r in metrics).encode())
+        buf = io.BytesIO()
+        torch.save({"simulator": sim.state_dict(), "wall_seconds": wall}, buf)
+        atomic_write(ckpt, buf.getvalue())
+        if on_round:
+            on_round(row)
+    return finish(out, config, sim, metrics)
+
+
+def finish(out: Path, config: RunConfig, sim: Simulator, metrics: list[dict]) -> dict:
+    from safetensors.torch import save
+
+    from .plots import plot_curves
+
+    w = sim.server.eval_weights()
+    atomic_write(out / WEIGHTS, save({k: v.contiguous().clone() for k, v in sim.model.named(w).items()},
+                                     metadata={"preset": config.preset, "ema": str(config.ema_decay > 0)}))
+    evaluated = [m for m in metrics if m["test_top1"] is not None]
+    best = max(evaluated, key=lambda m: m["test_top1"])
+    final = metrics[-1]
+    summary = {
+        "run_dir": str(out),
+        "preset": config.preset,
+        "rounds": final["round"],
+        "final_test_top1": final["test_top1"],
+        "final_test_top5": final["test_top5"],
+        "final_test_loss": final["test_loss"],
+        "best_test_top1": best["test_top1"],
+        "best_round": best["round"],
+        "uplink_bytes_total": sum(m["uplink_bytes"] for m in metrics),
+        "downlink_bytes_total": sum(m["downlink_bytes"] for m in metrics),
+        "uplink_bytes_per_client_round": 4 * sim.algorithm.uplink_floats(sim.n),
+        "forward_passes_total": final["forward_passes"],
+        "backward_passes_total": final["backward_passes"],
+        "parameters": sim.n,
+        "wall_seconds": final["wall_seconds"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    write_json(out / SUMMARY, summary)
+    atomic_write(out / PLOT, plot_curves(metrics, title=config.preset or "baffle run"))
+    return summary
+
+
+__all__ = ["DataError", "ConfigError", "Setup", "build", "execute", "check_resumable", "new_run_dir", "atomic_write"]

@@ -1,0 +1,151 @@
+"""In-process federated simulation: the embedded default engine.
+
+Clients run one after another in this process on a shared :class:`FlatModel`;
+each sees only its own data, the round plan and nothing else. The round loop:
+
+    plan     = RoundPlan(t, seed_t, W)                       server -> sampled clients
+    uploads  = [client_update(model, data_c, plan, algo)]    clients (forward only for baffle)
+    v        = sum_c (N_c / N) upload_c                      aggregation
+    W        = server.step(server_decode(v))                 optimiser (+ EMA)
+
+Deterministic: every random choice is derived from the run seed and the round
+(see :func:`baffle.perturb.derive_seed`), so a run restored from
+:meth:`Simulator.state_dict` continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .aggregation import client_weights, weighted_sum
+from .data import ArrayDataset, client_sampler
+from .flatmodel import FlatModel
+from .modes import TAG_EVAL, TAG_SAMPLE, Algorithm, ClientData, RoundPlan, client_update, round_seed, server_decode
+from .perturb import derive_seed
+from .server import Server, ServerOptions
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One line of metrics.jsonl (the runner adds wall_seconds).
+
+    Test metrics are None on rounds that were not evaluated. train_loss is the
+    server-side loss of the evaluated weights on a fixed subset of the training
+    set; client_loss is the mean L(W) the clients saw on their batches (simulation
+    accounting, not uploaded). forward_passes counts client passes only, cumulative.
+    """
+
+    round: int
+    clients: int
+    test_top1: float | None
+    test_top5: float | None
+    test_loss: float | None
+    train_loss: float | None
+    client_loss: float
+    uplink_bytes: int
+    downlink_bytes: int
+    forward_passes: int
+    backward_passes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Simulator:
+    """Build from Python objects: a model, the clients' datasets, a test set."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        clients: Sequence[ArrayDataset],
+        test: ArrayDataset,
+        algorithm: Algorithm,
+        server: ServerOptions = ServerOptions(),
+        *,
+        client_fraction: float = 1.0,
+        seed: int = 0,
+        train_eval_size: int = 2000,
+    ):
+        if not clients:
+            raise ValueError("need at least one client")
+        self.model = FlatModel(model)
+        self.algorithm = algorithm
+        self.clients = [ClientData(i, d, seed) for i, d in enumerate(clients)]
+        self.test = test
+        self.seed = seed
+        self.client_fraction = client_fraction
+        client_sampler(len(clients), client_fraction, np.random.default_rng(0))  # validates the fraction
+        self.server = Server(self.model.flat.clone(), server)
+        self.round = 0
+        self.forward_passes = 0
+        self.backward_passes = 0
+        self.train_eval = _fixed_subset(clients, train_eval_size, derive_seed(seed, TAG_EVAL))
+
+    @property
+    def n(self) -> int:
+        return self.model.n
+
+    def sampled_clients(self, t: int) -> list[int]:
+        rng = np.random.default_rng(derive_seed(self.seed, TAG_SAMPLE, t))
+        return client_sampler(len(self.clients), self.client_fraction, rng).tolist()
+
+    def step(self, evaluate: bool = True) -> RoundRecord:
+        """Run the next round; evaluate the (EMA) weights if asked."""
+        t = self.round
+        plan = RoundPlan(t, round_seed(self.seed, t), self.server.weights.clone())
+        chosen = self.sampled_clients(t)
+        uploads, losses = [], []
+        for c in chosen:
+            upload, stats = client_update(self.model, self.clients[c], plan, self.algorithm)
+            uploads.append(upload.vector)
+            losses.append(stats.train_loss)
+            self.forward_passes += stats.forward_passes
+            self.backward_passes += stats.backward_passes
+        weights = client_weights([len(self.clients[c]) for c in chosen])
+        self.server.step(server_decode(weighted_sum(uploads, weights), plan, self.algorithm))
+        self.round += 1
+        ev = tr = None
+        if evaluate:
+            w = self.server.eval_weights()
+            ev = self.model.evaluate(w, self.test.x, self.test.y)
+            tr = self.model.evaluate(w, self.train_eval.x, self.train_eval.y).loss
+        return RoundRecord(
+            round=self.round,
+            clients=len(chosen),
+            test_top1=ev.top1 if ev else None,
+            test_top5=ev.top5 if ev else None,
+            test_loss=ev.loss if ev else None,
+            train_loss=tr,
+            client_loss=float(np.mean(losses)),
+            uplink_bytes=len(chosen) * 4 * self.algorithm.uplink_floats(self.n),
+            downlink_bytes=len(chosen) * plan.nbytes,
+            forward_passes=self.forward_passes,
+            backward_passes=self.backward_passes,
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "server": self.server.state_dict(),
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.server.load_state_dict(state["server"])
+        self.round = int(state["round"])
+        self.forward_passes = int(state["forward_passes"])
+        self.backward_passes = int(state["backward_passes"])
+
+
+def _fixed_subset(clients: Sequence[ArrayDataset], size: int, seed: int) -> ArrayDataset:
+    """A seeded subset of the union of the clients' data, for the train-loss metric."""
+    x = torch.cat([c.x for c in clients])
+    y = torch.cat([c.y for c in clients])
+    idx = np.random.default_rng(seed).permutation(len(y))[: max(1, size)]
+    t = torch.from_numpy(np.sort(idx))
+    return ArrayDataset(x[t], y[t], clients[0].num_classes, clients[0].name)
