@@ -63,6 +63,7 @@ class RunConfig:
     train_eval_size: int = 2000
     threads: int = 2
     probe_block: int = 8
+    clients_per_forward: int = 16
     preset: str = ""
     description: str = ""
 
@@ -85,7 +86,7 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         for name in ("num_clients", "rounds", "eval_every", "threads", "shards_per_client", "min_client_size",
-                     "train_eval_size"):
+                     "train_eval_size", "clients_per_forward"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):

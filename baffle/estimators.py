@@ -30,7 +30,7 @@ from .perturb import Layout
 from .perturb_torch import flat_directions
 
 SCHEMES = ("forward", "central")
-FlatLoss = Callable[[torch.Tensor], float]
+FlatLoss = Callable[[torch.Tensor], "float | torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -84,25 +84,37 @@ def probe_and_combine(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: i
 
 
 def _probe(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int, accumulate: bool):
+    """Shared loop of :func:`probe` and :func:`probe_and_combine`.
+
+    ``loss`` may return a float or a tensor of losses (several clients evaluated in
+    one forward, see :func:`baffle.modes.fedsgd_clients`); u then has shape (K, *that).
+    """
     n, sigma, k = w.numel(), plan.sigma, plan.num_perturbations
-    u = torch.empty(k, dtype=torch.float64)
-    g = torch.zeros(n, dtype=torch.float32, device=w.device) if accumulate else None
-    base = loss(w) if plan.scheme == "forward" else None
+    base = _f64(loss(w)) if plan.scheme == "forward" else None
     wp = torch.empty_like(w)
+    u = None
+    g = torch.zeros(n, dtype=torch.float32, device=w.device) if accumulate else None
     for a, b in _blocks(k, block):
         z = flat_directions(plan.seed, range(a, b), n, plan.stream, w.device)
         for i in range(b - a):
             torch.add(w, z[i], alpha=sigma, out=wp)
-            plus = loss(wp)
+            plus = _f64(loss(wp))
             if base is not None:
-                u[a + i] = (plus - base) / sigma
+                uk = (plus - base) / sigma
             else:
                 torch.add(w, z[i], alpha=-sigma, out=wp)
-                u[a + i] = (plus - loss(wp)) / (2 * sigma)
+                uk = (plus - _f64(loss(wp))) / (2 * sigma)
+            if u is None:
+                u = torch.empty((k, *uk.shape), dtype=torch.float64)
+            u[a + i] = uk
         if g is not None:
             g.addmv_(z.T, u[a:b].to(torch.float32))
     u = u.to(torch.float32)
     return u, (g.div_(k) if g is not None else None)
+
+
+def _f64(value) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float64)
 
 
 def combine(u: torch.Tensor, n: int, plan: ProbePlan, block: int = 8, device=None) -> torch.Tensor:

@@ -61,11 +61,18 @@ class FlatModel:
         return float(F.cross_entropy(self.module(x), y))
 
     @torch.no_grad()
-    def group_losses(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, groups: int) -> torch.Tensor:
-        """Mean loss of each of ``groups`` equal consecutive slices of the batch (one forward)."""
+    def segment_losses(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, segment: torch.Tensor,
+                       segments: int) -> torch.Tensor:
+        """Mean loss of each segment of the batch (segment[i] = owner of example i), one forward.
+
+        Lets clients that share W and z_k (FedSGD) be evaluated in one bigger forward
+        while each still gets its own loss: row i's output depends only on row i.
+        """
         self.load(w)
-        per = F.cross_entropy(self.module(x), y, reduction="none")
-        return per.view(groups, -1).double().mean(1)
+        per = F.cross_entropy(self.module(x), y, reduction="none").double()
+        sums = torch.zeros(segments, dtype=torch.float64).index_add_(0, segment, per)
+        counts = torch.bincount(segment, minlength=segments).double()
+        return sums / counts
 
     def grad(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Backpropagation baseline: (flat gradient, loss) at w."""
@@ -74,7 +81,7 @@ class FlatModel:
         out = torch.func.functional_call(self.module, self.named(leaf), (x,))
         loss = F.cross_entropy(out, y)
         (g,) = torch.autograd.grad(loss, leaf)
-        return g.detach(), float(loss)
+        return g.detach(), float(loss.detach())
 
     @torch.no_grad()
     def evaluate(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> Evaluation:

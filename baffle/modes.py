@@ -192,6 +192,32 @@ def _fedsgd_client(model, data, plan, algo):
     return Upload(data.client, plan.round, u), ClientStats(len(losses), 0, losses[0])
 
 
+def fedsgd_clients(model: FlatModel, clients: list[ClientData], plan: RoundPlan,
+                   algo: Algorithm) -> list[tuple[Upload, ClientStats]]:
+    """FedSGD baffle for several clients at once, as a simulator may run them.
+
+    All clients of a round share W and z_k, so their batches go through one forward
+    per perturbation; each client still gets exactly its own u_c (its loss is the
+    mean over its own rows), equal to :func:`client_update` alone up to float
+    rounding. Each client is charged its own K+1 (or 2K) forward passes.
+    """
+    if algo.mode != "fedsgd" or algo.method != "baffle":
+        raise ValueError(f"fedsgd_clients is for mode fedsgd with method baffle, got {algo.mode}/{algo.method}")
+    batches = [c.batch(plan.round, algo.batch_size) for c in clients]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    segment = torch.cat([torch.full((len(b[1]),), i, dtype=torch.int64) for i, b in enumerate(batches)])
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(v: torch.Tensor) -> torch.Tensor:
+        seen.append(model.segment_losses(v, x, y, segment, len(clients)))
+        return seen[-1]
+
+    u = probe(loss_fn, plan.weights, algo.probe_plan(plan.seed), algo.probe_block)
+    return [(Upload(c.client, plan.round, u[:, i].contiguous()), ClientStats(len(seen), 0, float(seen[0][i])))
+            for i, c in enumerate(clients)]
+
+
 def local_steps(data: ClientData, algo: Algorithm) -> int:
     """FedAvg local steps per round: E epochs of full batches, capped by ``local_steps``."""
     steps = algo.local_epochs * data.batches_per_epoch(algo.batch_size)
