@@ -56,9 +56,10 @@ class FlatModel:
 
     @torch.no_grad()
     def loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Mean cross-entropy at weights w: one forward pass."""
+        """Mean cross-entropy at weights w: one forward pass (per-example fp32 losses,
+        averaged in float64, exactly as :meth:`segment_losses` does)."""
         self.load(w)
-        return float(F.cross_entropy(self.module(x), y))
+        return float(F.cross_entropy(self.module(x), y, reduction="none").double().mean())
 
     @torch.no_grad()
     def segment_losses(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, segment: torch.Tensor,

@@ -1,0 +1,153 @@
+"""The `baffle` command end to end: run directory, resume, presets, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from baffle.config import RunConfig, load_preset, preset_names, resolve
+
+BAFFLE = [sys.executable, "-m", "baffle.cli"]
+SMALL = ["--dataset", "synthetic", "--model", "lenet", "--num-perturbations", "10", "--batch-size", "16",
+         "--num-clients", "4", "--eval-every", "2", "--train-eval-size", "100"]
+
+
+def baffle(*args, check=True, **kw):
+    out = subprocess.run([*BAFFLE, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("wall_seconds")
+    return rows
+
+
+def test_run_directory_holds_everything(tmp_path):
+    run = tmp_path / "run"
+    out = baffle("run", *SMALL, "--rounds", "4", "--out", run)
+    assert f"run directory: {run}" in out.stdout and "final test accuracy:" in out.stdout
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "summary.json", "curves.png",
+                                                "model.safetensors", "checkpoint.pt"}
+    config = json.loads((run / "config.json").read_text())
+    assert config == RunConfig.from_dict(config).to_dict() and config["num_perturbations"] == 10
+    rows = metrics(run)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    keys = {"round", "test_top1", "test_top5", "test_loss", "train_loss", "uplink_bytes", "downlink_bytes",
+            "forward_passes"}
+    assert keys <= set(rows[0])
+    assert rows[0]["test_top1"] is None and rows[1]["test_top1"] is not None  # eval every 2 rounds
+    assert all(r["uplink_bytes"] == 4 * 4 * 10 for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_test_top1"] == rows[-1]["test_top1"]
+    assert summary["peak_rss_mb"] > 0 and summary["forward_passes_total"] == 4 * 4 * 11
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from safetensors.torch import load_file
+    weights = load_file(run / "model.safetensors")
+    assert sum(t.numel() for t in weights.values()) == summary["parameters"] == 26730
+
+
+def test_killed_run_resumes_to_identical_metrics(tmp_path):
+    args = [*SMALL, "--rounds", "30"]
+    full = tmp_path / "full"
+    baffle("run", *args, "--out", full)
+    part = tmp_path / "part"
+    proc = subprocess.Popen([*BAFFLE, "run", *args, "--out", str(part), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = part / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len((part / "metrics.jsonl").read_text().splitlines())
+    assert 5 <= done < 30, "the run was not interrupted mid-way"
+    assert not (part / "summary.json").exists()
+    baffle("run", "--resume", part)
+    assert metrics(part) == metrics(full)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*BAFFLE, "run", *SMALL, "--rounds", "200", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"baffle run --resume {run}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--bogus", "1"], "--bogus"),
+    (["--sigma", "-1"], "sigma must be > 0, got -1.0"),
+    (["--sigma", "0"], "sigma must be > 0, got 0.0"),
+    (["--num-perturbations", "0"], "num_perturbations must be >= 1, got 0"),
+    (["--alpha", "0"], "alpha must be > 0, got 0.0"),
+    (["--client-fraction", "1.5"], "client_fraction must be in (0, 1], got 1.5"),
+    (["--client-fraction", "0"], "client_fraction must be in (0, 1], got 0.0"),
+    (["--num-clients", "5000"], "more clients (5000) than training examples (2000)"),
+    (["--num-perturbations", "ten"], "num_perturbations must be int, got 'ten'"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, needle):
+    run = tmp_path / "run"
+    out = baffle("run", "--dataset", "synthetic", *args, "--out", run, check=False)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr, out.stderr
+    assert not run.exists()
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    run = tmp_path / "run"
+    baffle("run", *SMALL, "--rounds", "2", "--out", run)
+    before = (run / "metrics.jsonl").read_text()
+    out = baffle("run", "--resume", run, *SMALL, "--rounds", "2", "--sigma", "0.001", check=False)
+    assert out.returncode == 2 and "sigma" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert (run / "metrics.jsonl").read_text() == before
+    out = baffle("run", "--resume", tmp_path / "missing", check=False)
+    assert out.returncode == 2 and "config.json" in out.stderr
+    out = baffle("run", *SMALL, "--out", run, check=False)  # not over an existing run
+    assert out.returncode == 2 and "already exists" in out.stderr
+
+
+def test_presets_listed_and_all_valid():
+    out = baffle("presets")
+    names = preset_names()
+    assert {"quick", "table1-lenet-mnist-k100", "table1-lenet-mnist-k200", "table1-lenet-mnist-k500",
+            "table1-wrn-mnist-k100", "table1-wrn-mnist-k200", "table1-wrn-mnist-k500",
+            "table1-lenet-mnist-bp", "table1-wrn-mnist-bp"} <= set(names)
+    for name in names:
+        assert name in out.stdout
+        resolve(name, {})  # validates every value
+        assert load_preset(name)["description"]
+
+
+def test_table1_presets_match_the_paper():
+    for model in ("lenet", "wrn"):
+        for k in (100, 200, 500):
+            c = resolve(f"table1-{model}-mnist-k{k}", {})
+            assert (c.num_perturbations, c.num_clients, c.partition, c.mode, c.rounds) == (k, 10, "iid", "fedavg", 20)
+            assert (c.client_optimizer, c.client_lr, c.beta1, c.beta2) == ("adam", 0.01, 0.9, 0.99)
+            assert c.activation == "hardswish" and c.ema_decay > 0 and c.method == "baffle"
+        assert resolve(f"table1-{model}-mnist-bp", {}).method == "backprop"
+
+
+def test_help_lists_options():
+    out = baffle("run", "--help")
+    for flag in ("--preset", "--out", "--resume", "--num-perturbations", "--sigma", "--mode", "--partition"):
+        assert flag in out.stdout

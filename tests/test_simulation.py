@@ -1,0 +1,124 @@
+"""The in-process simulator: byte and pass accounting, determinism, learning, EMA."""
+import numpy as np
+import pytest
+import torch
+
+from baffle.data import partition
+from baffle.flatmodel import FlatModel
+from baffle.models import ModelSpec, build_model
+from baffle.modes import Algorithm, ClientData, RoundPlan, client_update, fedsgd_clients
+from baffle.server import Server, ServerOptions
+from baffle.simulation import Simulator
+
+
+def make_sim(synth, clients=4, model="linear", fraction=1.0, server=None, per_forward=16, **algo):
+    train, test = synth
+    parts = partition(train.y.numpy(), clients, "iid", np.random.default_rng(0))
+    net = build_model(ModelSpec(model, image_size=16), generator=torch.Generator().manual_seed(0))
+    return Simulator(net, [train.subset(p) for p in parts], test, Algorithm(**algo),
+                     server or ServerOptions("adam", 0.01), client_fraction=fraction, seed=3,
+                     train_eval_size=200, clients_per_forward=per_forward)
+
+
+@pytest.mark.parametrize("k", [1, 7, 20])
+def test_fedsgd_uplink_is_4k_bytes_per_client(synth, k):
+    sim = make_sim(synth, clients=5, num_perturbations=k, batch_size=8)
+    r1, r2 = sim.step(evaluate=False), sim.step(evaluate=False)
+    assert r1.uplink_bytes == r2.uplink_bytes == 5 * 4 * k
+    assert r1.downlink_bytes == 5 * (4 * sim.n + 8)
+    assert r1.forward_passes == 5 * (k + 1) and r2.forward_passes == 10 * (k + 1)
+    assert r1.backward_passes == 0 and r1.test_top1 is None
+
+
+def test_central_scheme_counts_2k_passes(synth):
+    sim = make_sim(synth, clients=3, num_perturbations=6, scheme="central")
+    assert sim.step(evaluate=False).forward_passes == 3 * 12
+
+
+def test_fedavg_and_backprop_accounting(synth):
+    sim = make_sim(synth, clients=3, mode="fedavg", num_perturbations=4, batch_size=50, local_epochs=2)
+    r = sim.step(evaluate=False)
+    steps = 2 * (200 // 50)  # 200 examples per client, 4 batches an epoch, 2 epochs
+    assert r.uplink_bytes == 3 * 4 * sim.n  # model delta
+    assert r.forward_passes == 3 * steps * 5 and r.backward_passes == 0
+    bp = make_sim(synth, clients=3, mode="fedsgd", method="backprop", batch_size=10)
+    r = bp.step(evaluate=False)
+    assert r.uplink_bytes == 3 * 4 * bp.n and r.forward_passes == 3 and r.backward_passes == 3
+
+
+def test_batched_clients_get_the_scalars_they_would_get_alone(synth):
+    sim = make_sim(synth, clients=4, model="lenet", num_perturbations=5, batch_size=8)
+    plan = RoundPlan(2, 99, sim.server.weights.clone())
+    alone = [client_update(sim.model, c, plan, sim.algorithm)[0].vector for c in sim.clients]
+    together = [up.vector for up, _ in fedsgd_clients(sim.model, sim.clients, plan, sim.algorithm)]
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-3)  # u = d/sigma: fp32 loss rounding / 1e-4
+
+
+def test_same_seed_twice_gives_identical_metrics(synth):
+    runs = []
+    for _ in range(2):
+        sim = make_sim(synth, clients=4, num_perturbations=5, batch_size=8, fraction=0.5)
+        runs.append([sim.step().to_dict() for _ in range(3)])
+    assert runs[0] == runs[1]
+
+
+def test_client_sampling_fraction(synth):
+    sim = make_sim(synth, clients=10, fraction=0.3, num_perturbations=2)
+    chosen = [tuple(sim.sampled_clients(t)) for t in range(20)]
+    assert all(len(c) == 3 and len(set(c)) == 3 for c in chosen)
+    assert len(set(chosen)) > 5  # different clients in different rounds
+    assert sim.step(evaluate=False).clients == 3
+
+
+@pytest.mark.parametrize("mode,method,rounds,extra", [
+    ("fedsgd", "baffle", 60, dict(num_perturbations=50, batch_size=16)),
+    ("fedavg", "baffle", 3, dict(num_perturbations=20, batch_size=16, client_lr=0.01)),
+    ("fedsgd", "backprop", 20, dict(batch_size=16)),
+    ("fedavg", "backprop", 2, dict(batch_size=16, client_lr=0.01)),
+])
+def test_short_run_beats_chance(synth, mode, method, rounds, extra):
+    """Seeded; 10 classes, so chance is 10%: every mode must reach at least 40%."""
+    server = ServerOptions("sgd", 1.0) if mode == "fedavg" else ServerOptions("adam", 0.01)
+    sim = make_sim(synth, clients=4, mode=mode, method=method, server=server, **extra)
+    first = sim.step()
+    for _ in range(rounds - 1):
+        last = sim.step(evaluate=False)
+    last = sim.step()
+    assert last.test_top1 >= 0.4, (first.test_top1, last.test_top1)
+    assert last.test_loss < first.test_loss
+
+
+def test_ema_uses_exactly_its_decay():
+    server = Server(torch.zeros(3), ServerOptions("sgd", 1.0, ema_decay=0.8))
+    ws = []
+    for g in ([-1.0, 0, 0], [0, -2.0, 0], [0, 0, -4.0]):
+        server.step(torch.tensor(g))
+        ws.append(server.weights.clone())
+    d = 0.8
+    weights = torch.tensor([d**2, d, 1.0]) * (1 - d)
+    expected = sum(wi * x for wi, x in zip(weights, ws)) / (1 - d**3)
+    torch.testing.assert_close(server.eval_weights(), expected)
+    assert not torch.equal(server.eval_weights(), server.weights)
+
+
+def test_server_refuses_non_finite_update():
+    server = Server(torch.zeros(2), ServerOptions())
+    with pytest.raises(FloatingPointError):
+        server.step(torch.tensor([float("nan"), 0.0]))
+    assert torch.equal(server.weights, torch.zeros(2))
+
+
+def test_models_are_never_perturbed_through_buffers():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="buffers"):
+        FlatModel(net)
+
+
+def test_client_batches_are_seeded_and_cover_an_epoch(synth):
+    train, _ = synth
+    c = ClientData(0, train.subset(np.arange(100)), seed=1)
+    ys = torch.cat([c.batch(i, 10)[1] for i in range(10)])
+    assert sorted(ys.tolist()) == sorted(train.y[:100].tolist())
+    assert torch.equal(c.batch(3, 10)[0], ClientData(0, train.subset(np.arange(100)), seed=1).batch(3, 10)[0])
+    assert not torch.equal(c.batch(0, 10)[1], c.batch(10, 10)[1])  # next epoch, new order
