@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean-venv
+.PHONY: run test bench clean-venv fashion-mnist
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/round.py
+	$(BIN)/python benchmarks/fedsgd_round.py
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (no root needed).
+fashion-mnist: $(STAMP)
+	$(BIN)/python -c "from baffle.data import fetch_fashion_mnist_deb; print(fetch_fashion_mnist_deb('data/fashion-mnist'))"

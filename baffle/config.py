@@ -57,6 +57,7 @@ class RunConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     ema_decay: float = 0.0
+    lr_schedule: str = "constant"
     # running
     seed: int = 0
     eval_every: int = 1
@@ -76,7 +77,8 @@ class RunConfig:
         )
 
     def server_options(self) -> ServerOptions:
-        return ServerOptions(self.server_optimizer, self.server_lr, (self.beta1, self.beta2), self.ema_decay)
+        return ServerOptions(self.server_optimizer, self.server_lr, (self.beta1, self.beta2), self.ema_decay,
+                             self.lr_schedule, self.rounds)
 
     def validate(self) -> "RunConfig":
         """Check every value; raise ConfigError naming the first bad one."""

@@ -7,9 +7,12 @@
     curves.png         accuracy and loss per round
     model.safetensors  the final evaluated weights (the EMA when it is on)
 
-Every file is written atomically (temporary file, fsync, rename), metrics before
-the checkpoint, so a run killed at any instant resumes from its last checkpoint
+Every file but metrics.jsonl is written atomically (temporary file, fsync,
+rename); metrics.jsonl gets one fsynced line per round, before the checkpoint.
+On resume it is cut back to the checkpointed rounds (a torn or extra last line
+is dropped), so a run killed at any instant resumes from its last checkpoint
 and, being deterministic, ends with the same metrics as an uninterrupted run.
+wall_seconds is real elapsed time of the run (I/O included), summed over resumes.
 """
 from __future__ import annotations
 
@@ -149,22 +152,26 @@ def execute(
         metrics = read_metrics(out / METRICS, sim.round)
     else:
         write_json(out / CONFIG, config.to_dict())
+    # metrics.jsonl holds exactly the checkpointed rounds before new lines are appended
+    atomic_write(out / METRICS, "".join(json.dumps(r) + "\n" for r in metrics).encode())
     for row in metrics:
         if on_round:
             on_round(row)
-    while sim.round < config.rounds:
-        t0 = time.perf_counter()
-        last = sim.round + 1 == config.rounds
-        record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0)
-        wall += time.perf_counter() - t0
-        row = {**record.to_dict(), "wall_seconds": round(wall, 3)}
-        metrics.append(row)
-        atomic_write(out / METRICS, "".join(json.dumps(r) + "\n" for r in metrics).encode())
-        buf = io.BytesIO()
-        torch.save({"simulator": sim.state_dict(), "wall_seconds": wall}, buf)
-        atomic_write(ckpt, buf.getvalue())
-        if on_round:
-            on_round(row)
+    started = time.perf_counter() - wall
+    with open(out / METRICS, "a") as log:
+        while sim.round < config.rounds:
+            last = sim.round + 1 == config.rounds
+            record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0)
+            row = {**record.to_dict(), "wall_seconds": round(time.perf_counter() - started, 3)}
+            metrics.append(row)
+            log.write(json.dumps(row) + "\n")  # a torn last line is dropped on resume
+            log.flush()
+            os.fsync(log.fileno())
+            buf = io.BytesIO()
+            torch.save({"simulator": sim.state_dict(), "wall_seconds": time.perf_counter() - started}, buf)
+            atomic_write(ckpt, buf.getvalue())
+            if on_round:
+                on_round(row)
     return finish(out, config, sim, metrics)
 
 

@@ -8,14 +8,20 @@ so EMA_t is a proper weighted average of W_1..W_t with weights proportional to
 d^(t-s) and W_0 (the random initialisation) never leaks in. No warm-up schedule:
 the official BAFFLE code's warm-up min(d, (1+t)/(10+t)) made its effective decay
 0.18-0.70 over a 20-round run whatever d was configured; here d is d.
+
+Learning-rate schedule (explicit, off by default): "constant", or "cosine" over the
+run's T server steps, lr_t = lr * (1 + cos(pi t / T)) / 2 for step t = 0..T-1.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .modes import OPTIMIZERS, _choice, make_optimizer
+
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,8 @@ class ServerOptions:
     lr: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
     ema_decay: float = 0.0  # 0 disables the EMA
+    schedule: str = "constant"  # or "cosine" over total_steps
+    total_steps: int = 0  # server steps in the run (needed by "cosine")
 
     def __post_init__(self) -> None:
         _choice("server_optimizer", self.optimizer, OPTIMIZERS)
@@ -31,6 +39,14 @@ class ServerOptions:
             raise ValueError(f"server_lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _choice("lr_schedule", self.schedule, SCHEDULES)
+        if self.schedule == "cosine" and self.total_steps < 1:
+            raise ValueError(f"the cosine schedule needs total_steps >= 1, got {self.total_steps}")
+
+    def lr_at(self, step: int) -> float:
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        return self.lr
 
 
 class Server:
@@ -51,6 +67,8 @@ class Server:
         if not torch.isfinite(pseudo_gradient).all():
             raise FloatingPointError("pseudo-gradient has non-finite values; refusing to update the model")
         self.w.grad = pseudo_gradient.to(self.w.dtype)
+        for group in self.opt.param_groups:
+            group["lr"] = self.options.lr_at(self.steps)
         self.opt.step()
         self.steps += 1
         d = self.options.ema_decay

@@ -122,3 +122,20 @@ def test_client_batches_are_seeded_and_cover_an_epoch(synth):
     assert sorted(ys.tolist()) == sorted(train.y[:100].tolist())
     assert torch.equal(c.batch(3, 10)[0], ClientData(0, train.subset(np.arange(100)), seed=1).batch(3, 10)[0])
     assert not torch.equal(c.batch(0, 10)[1], c.batch(10, 10)[1])  # next epoch, new order
+
+
+def test_cosine_schedule_is_explicit_and_exact():
+    opts = ServerOptions("sgd", 0.1, schedule="cosine", total_steps=4)
+    server = Server(torch.zeros(1), opts)
+    ws = [0.0]
+    for _ in range(4):
+        server.step(torch.tensor([-1.0]))
+        ws.append(float(server.weights))
+    steps = [b - a for a, b in zip(ws, ws[1:])]
+    expected = [0.1 * (1 + np.cos(np.pi * t / 4)) / 2 for t in range(4)]
+    np.testing.assert_allclose(steps, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="total_steps"):
+        ServerOptions(schedule="cosine")
+    with pytest.raises(ValueError, match="'step'"):
+        ServerOptions(schedule="step")
+    assert ServerOptions("sgd", 0.1).lr_at(1000) == 0.1  # constant by default
