@@ -29,7 +29,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run a preset, with options overriding it",
                          description="Run a preset; every option below overrides the preset's value.")
-    run.add_argument("--preset", default=None, help=f"preset name (default {DEFAULT_PRESET}; see `baffle presets`)")
+    run.add_argument("--preset", default=None,
+                     help=f"preset name (default {DEFAULT_PRESET}); one of: {', '.join(preset_names())}")
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>-<time>)")
     run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -53,7 +54,6 @@ def cmd_presets() -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from . import runs
 
@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if overrides.get("data_root") == "":
         overrides["data_root"] = None
     if args.resume is not None:
+        if args.out is not None:
+            raise ConfigError("--out cannot be combined with --resume (the run continues in its own directory)")
         stored = runs.check_resumable(args.resume, None)
         if args.preset or overrides:  # a resume that restates its config must restate it exactly
             runs.check_resumable(args.resume, resolve(args.preset or stored.preset, overrides))
@@ -70,6 +72,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = runs.new_run_dir(config, args.out)
     torch.set_num_threads(config.threads)
     setup = runs.build(config)
+    return _train(args, config, out, setup)
+
+
+def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int:
+    from tqdm import tqdm
+
+    from . import runs
+
     err = sys.stderr
     print(f"baffle: {config.preset}: {config.description}", file=err)
     print(f"baffle: client label counts ({config.partition} partition):\n{setup.label_summary}", file=err)
@@ -88,6 +98,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.close()
         print(f"baffle: interrupted; continue with: baffle run --resume {out}", file=err)
         return 130
+    except FloatingPointError as e:
+        bar.close()
+        print(f"baffle: error: training diverged after round {setup.simulator.round} ({e}); "
+              f"{out} keeps the rounds before it; try a smaller learning rate", file=err)
+        return 1
     bar.close()
     print(f"run directory: {out}")
     print(f"final test accuracy: {100 * summary['final_test_top1']:.2f}% "
@@ -105,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"baffle: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an unwritable --out
+        print(f"baffle: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before training started: nothing was written
+        print("baffle: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

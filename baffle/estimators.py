@@ -108,7 +108,7 @@ def _probe(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int, accumul
                 u = torch.empty((k, *uk.shape), dtype=torch.float64)
             u[a + i] = uk
         if g is not None:
-            g.addmv_(z.T, u[a:b].to(torch.float32))
+            g.addmv_(z.T, u[a:b].to(w.device, torch.float32))
     u = u.to(torch.float32)
     return u, (g.div_(k) if g is not None else None)
 

@@ -68,7 +68,7 @@ class Algorithm:
             raise ValueError(f"local_steps must be >= 0, got {self.local_steps}")
         if not self.sigma > 0 or not np.isfinite(self.sigma):
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if not self.client_lr > 0:
+        if not (self.client_lr > 0 and np.isfinite(self.client_lr)):
             raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
         for b in self.betas:
             if not 0 <= b < 1:
@@ -189,7 +189,7 @@ def _fedsgd_client(model, data, plan, algo):
         return losses[-1]
 
     u = probe(loss_fn, w, probe_plan, algo.probe_block)
-    return Upload(data.client, plan.round, u), ClientStats(len(losses), 0, losses[0])
+    return Upload(data.client, plan.round, u), ClientStats(len(losses), 0, _loss_at_w(losses, algo))
 
 
 def fedsgd_clients(model: FlatModel, clients: list[ClientData], plan: RoundPlan,
@@ -214,8 +214,15 @@ def fedsgd_clients(model: FlatModel, clients: list[ClientData], plan: RoundPlan,
         return seen[-1]
 
     u = probe(loss_fn, plan.weights, algo.probe_plan(plan.seed), algo.probe_block)
-    return [(Upload(c.client, plan.round, u[:, i].contiguous()), ClientStats(len(seen), 0, float(seen[0][i])))
+    return [(Upload(c.client, plan.round, u[:, i].contiguous()),
+             ClientStats(len(seen), 0, float(_loss_at_w([s[i] for s in seen[:2]], algo))))
             for i, c in enumerate(clients)]
+
+
+def _loss_at_w(losses, algo: Algorithm) -> float:
+    """L(W) as seen by a probe: its first evaluation (forward scheme), or the mean of
+    L(W + sigma z_0) and L(W - sigma z_0) = L(W) + O(sigma^2) (central scheme)."""
+    return float(losses[0] if algo.scheme == "forward" else (losses[0] + losses[1]) / 2)
 
 
 def local_steps(data: ClientData, algo: Algorithm) -> int:
@@ -245,7 +252,7 @@ def _fedavg_client(model, data, plan, algo):
                 return seen[-1]
 
             _, g = probe_and_combine(loss_fn, w.detach(), algo.probe_plan(step_seed, stream=s), algo.probe_block)
-            loss, forwards = seen[0], forwards + len(seen)
+            loss, forwards = _loss_at_w(seen, algo), forwards + len(seen)
         loss_sum += loss
         w.grad = g
         opt.step()

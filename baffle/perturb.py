@@ -89,12 +89,13 @@ def split_seed(seed: int) -> tuple[int, int]:
 def derive_seed(seed: int, *words: int) -> int:
     """A 64-bit seed for a purpose, e.g. derive_seed(run_seed, ROUND, t).
 
-    Philox keyed by ``seed`` applied to the counter (words..., padded with 0):
-    portable, and distinct words give independent-looking seeds.
+    Philox keyed by ``seed`` applied to the counter (words..., 0-padded to three
+    words, then the word count), so (a,) and (a, 0) give different seeds: portable,
+    and distinct word tuples give independent-looking seeds.
     """
-    if len(words) > 4:
-        raise ValueError(f"derive_seed takes at most 4 words, got {len(words)}")
-    w = [int(x) & MASK32 for x in words] + [0] * (4 - len(words))
+    if len(words) > 3:
+        raise ValueError(f"derive_seed takes at most 3 words, got {len(words)}")
+    w = [int(x) & MASK32 for x in words] + [0] * (3 - len(words)) + [len(words)]
     out = philox4x32(*(np.array([x], dtype=np.int64) for x in w), *split_seed(seed))
     return int(out[0][0]) | (int(out[1][0]) << 32)
 

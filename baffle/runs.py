@@ -40,10 +40,15 @@ CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoi
 PLOT, WEIGHTS = "curves.png", "model.safetensors"
 
 
+_UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give run files the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -110,9 +115,12 @@ def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
     if not cfg_path.is_file():
         raise ConfigError(f"cannot resume {out}: no {CONFIG} there")
     try:
-        stored = RunConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path)).validate()
-    except json.JSONDecodeError as e:
+        values = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot resume {out}: {CONFIG} is corrupt ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"cannot resume {out}: {CONFIG} is not a JSON object")
+    stored = RunConfig.from_dict(values, source=str(cfg_path)).validate()
     if config is not None and config != stored:
         a, b = stored.to_dict(), config.to_dict()
         diff = next(k for k in a if a[k] != b[k])
@@ -125,6 +133,8 @@ def new_run_dir(config: RunConfig, out: Path | None) -> Path:
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{config.preset or 'run'}-{stamp}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"run directory {out} already exists and is not empty (use --resume {out} or another --out)")
     return out
@@ -146,7 +156,10 @@ def execute(
     wall = 0.0
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        try:
+            state = torch.load(ckpt, weights_only=True)
+        except Exception as e:  # corrupt or foreign file: name it, do not execute it
+            raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable ({type(e).__name__})") from None
         sim.load_state_dict(state["simulator"])
         wall = float(state["wall_seconds"])
         metrics = read_metrics(out / METRICS, sim.round)

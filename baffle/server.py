@@ -14,6 +14,7 @@ run's T server steps, lr_t = lr * (1 + cos(pi t / T)) / 2 for step t = 0..T-1.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ class ServerOptions:
 
     def __post_init__(self) -> None:
         _choice("server_optimizer", self.optimizer, OPTIMIZERS)
-        if not self.lr > 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"server_lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -83,7 +84,9 @@ class Server:
         return self.ema_sum / (1 - d**self.steps)
 
     def state_dict(self) -> dict:
-        return {"w": self.weights.clone(), "opt": self.opt.state_dict(), "ema_sum": self.ema_sum.clone(), "steps": self.steps}
+        """A snapshot (copies, not views of the live optimiser state)."""
+        return {"w": self.weights.clone(), "opt": copy.deepcopy(self.opt.state_dict()),
+                "ema_sum": self.ema_sum.clone(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():

@@ -102,9 +102,10 @@ class Simulator:
         t = self.round
         plan = RoundPlan(t, round_seed(self.seed, t), self.server.weights.clone())
         chosen = self.sampled_clients(t)
-        uploads, losses = [], []
+        uploads, losses, uplink = [], [], 0
         for upload, stats in self._client_work(chosen, plan):
             uploads.append(upload.vector)
+            uplink += upload.nbytes
             losses.append(stats.train_loss)
             self.forward_passes += stats.forward_passes
             self.backward_passes += stats.backward_passes
@@ -124,7 +125,7 @@ class Simulator:
             test_loss=ev.loss if ev else None,
             train_loss=tr,
             client_loss=float(np.mean(losses)),
-            uplink_bytes=len(chosen) * 4 * self.algorithm.uplink_floats(self.n),
+            uplink_bytes=uplink,
             downlink_bytes=len(chosen) * plan.nbytes,
             forward_passes=self.forward_passes,
             backward_passes=self.backward_passes,

@@ -112,6 +112,23 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, needle):
     assert not run.exists()
 
 
+def test_corrupt_dataset_and_bad_out_are_named(tmp_path):
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (cifar / name).write_bytes(b"not a pickle")
+    run = tmp_path / "run"
+    out = baffle("run", "--dataset", "cifar10", "--data-root", tmp_path, "--out", run, check=False)
+    assert out.returncode == 2 and "data_batch_1" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not run.exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    out = baffle("run", "--dataset", "synthetic", "--out", a_file, check=False)
+    assert out.returncode == 2 and "not a directory" in out.stderr
+    out = baffle("run", "--resume", tmp_path, "--out", run, check=False)
+    assert out.returncode == 2 and "--out cannot be combined with --resume" in out.stderr
+
+
 def test_resume_with_another_configuration_is_refused(tmp_path):
     run = tmp_path / "run"
     baffle("run", *SMALL, "--rounds", "2", "--out", run)
@@ -144,6 +161,9 @@ def test_table1_presets_match_the_paper():
             assert (c.num_perturbations, c.num_clients, c.partition, c.mode, c.rounds) == (k, 10, "iid", "fedavg", 20)
             assert (c.client_optimizer, c.client_lr, c.beta1, c.beta2) == ("adam", 0.01, 0.9, 0.99)
             assert c.activation == "hardswish" and c.ema_decay > 0 and c.method == "baffle"
+            assert (c.batch_size, c.local_epochs, c.sigma, c.scheme) == (32, 1, 1e-4, "forward")
+            assert c.norm == ("none" if model == "lenet" else "group")
+            assert c.model == ("lenet" if model == "lenet" else "wrn-10-2")
         assert resolve(f"table1-{model}-mnist-bp", {}).method == "backprop"
 
 

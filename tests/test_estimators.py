@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import baffle
 from baffle import estimators
@@ -143,11 +142,17 @@ def test_combine_rejects_wrong_length():
         combine(torch.zeros(3), 10, ProbePlan(0, 4, 1e-4))
 
 
-def test_probe_never_changes_weights_or_needs_grad():
+def test_probe_is_forward_only_and_leaves_weights_alone():
+    """The client half builds no autograd graph: every loss evaluation runs with
+    gradients off and the model's parameters do not require grad."""
     model, x, y, _ = problem("lenet")
     w = model.flat.clone()
     before = w.clone()
+    grad_modes = []
+    hook = model.module.register_forward_hook(
+        lambda mod, inp, out: grad_modes.append(torch.is_grad_enabled() or out.requires_grad))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("autograd saved a tensor"), lambda t: t):
         probe(lambda v: model.loss(v, x, y), w, ProbePlan(0, 3, 1e-4))
+    hook.remove()
+    assert grad_modes == [False] * 4
     assert torch.equal(w, before)
-    assert F.cross_entropy is not None
