@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import PARTITIONERS
+from .engine import ENGINES
 from .modes import Algorithm
 from .server import ServerOptions
 
@@ -65,6 +66,7 @@ class RunConfig:
     threads: int = 2
     probe_block: int = 8
     clients_per_forward: int = 16
+    engine: str = "loop"
     preset: str = ""
     description: str = ""
 
@@ -95,6 +97,8 @@ class RunConfig:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if not 0 < self.client_fraction <= 1:
             raise ConfigError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
         if self.partition not in PARTITIONERS:
             raise ConfigError(f"unknown partition {self.partition!r} (choose from {', '.join(PARTITIONERS)})")
         if not 0 <= self.seed < 2**63:

@@ -68,49 +68,76 @@ def _blocks(k: int, block: int):
         yield a, min(k, a + block)
 
 
+BlockLoss = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """u: (K,) or (K, clients) float32; g: g_hat or None; loss_at_w: L(W) (per client)."""
+
+    u: torch.Tensor
+    g: torch.Tensor | None
+    loss_at_w: torch.Tensor
+
+
 def probe(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int = 8) -> torch.Tensor:
     """Client half: the K directional derivatives u (float32, shape (K,)).
 
     ``loss(v)`` evaluates L at the flat weight vector v (forward pass only).
     Memory: w, one perturbed copy and ``block`` directions: (block + 2) x n floats.
     """
-    return _probe(loss, w, plan, block, accumulate=False)[0]
+    return probe_blocks(loss, _rowwise(loss), w, plan, block).u
 
 
 def probe_and_combine(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int = 8):
     """(u, g_hat) in one pass: each block of directions is generated once and used
     both to probe and to accumulate g_hat (a client that steps locally needs both)."""
-    return _probe(loss, w, plan, block, accumulate=True)
+    result = probe_blocks(loss, _rowwise(loss), w, plan, block, accumulate=True)
+    return result.u, result.g
 
 
-def _probe(loss: FlatLoss, w: torch.Tensor, plan: ProbePlan, block: int, accumulate: bool):
-    """Shared loop of :func:`probe` and :func:`probe_and_combine`.
+def _rowwise(loss: FlatLoss) -> BlockLoss:
+    """A block loss from a single-vector loss: L(w + s z_i) row by row."""
 
-    ``loss`` may return a float or a tensor of losses (several clients evaluated in
-    one forward, see :func:`baffle.modes.fedsgd_clients`); u then has shape (K, *that).
+    def block_loss(w: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+        wp = torch.empty_like(w)
+        return torch.stack([_f64(loss(torch.add(w, zi, alpha=scale, out=wp))) for zi in z])
+
+    return block_loss
+
+
+def probe_blocks(base_loss: FlatLoss, block_loss: BlockLoss, w: torch.Tensor, plan: ProbePlan, block: int,
+                 accumulate: bool = False, directions: Callable[..., torch.Tensor] = None):
+    """The probe loop over blocks of ``block`` directions, for any evaluation engine.
+
+    ``block_loss(w, z, s)`` returns the losses at w + s z_i for the rows z_i of z
+    (shape (b,) or (b, clients) when several clients share the forward, see
+    :mod:`baffle.engine`); u then has shape (K,) or (K, clients). ``directions`` is
+    the generator (default :func:`baffle.perturb_torch.flat_directions`).
+    g_hat (``accumulate``) needs a scalar loss.
     """
+    directions = directions or flat_directions
     n, sigma, k = w.numel(), plan.sigma, plan.num_perturbations
-    base = _f64(loss(w)) if plan.scheme == "forward" else None
-    wp = torch.empty_like(w)
+    base = _f64(base_loss(w)) if plan.scheme == "forward" else None
+    loss_at_w = base
     u = None
     g = torch.zeros(n, dtype=torch.float32, device=w.device) if accumulate else None
     for a, b in _blocks(k, block):
-        z = flat_directions(plan.seed, range(a, b), n, plan.stream, w.device)
-        for i in range(b - a):
-            torch.add(w, z[i], alpha=sigma, out=wp)
-            plus = _f64(loss(wp))
-            if base is not None:
-                uk = (plus - base) / sigma
-            else:
-                torch.add(w, z[i], alpha=-sigma, out=wp)
-                uk = (plus - _f64(loss(wp))) / (2 * sigma)
-            if u is None:
-                u = torch.empty((k, *uk.shape), dtype=torch.float64)
-            u[a + i] = uk
+        z = directions(plan.seed, torch.arange(a, b), n, plan.stream, w.device)
+        plus = block_loss(w, z, sigma)
+        if base is not None:
+            ub = (plus - base) / sigma
+        else:
+            minus = block_loss(w, z, -sigma)
+            ub = (plus - minus) / (2 * sigma)
+            if loss_at_w is None:  # (L(W + s z) + L(W - s z)) / 2 = L(W) + O(s^2)
+                loss_at_w = (plus[0] + minus[0]) / 2
+        if u is None:
+            u = torch.empty((k, *ub.shape[1:]), dtype=torch.float64)
+        u[a:b] = ub
         if g is not None:
-            g.addmv_(z.T, u[a:b].to(w.device, torch.float32))
-    u = u.to(torch.float32)
-    return u, (g.div_(k) if g is not None else None)
+            g.addmv_(z.T, ub.reshape(b - a).to(w.device, torch.float32))
+    return ProbeResult(u.to(torch.float32), g.div_(k) if g is not None else None, loss_at_w)
 
 
 def _f64(value) -> torch.Tensor:
@@ -125,7 +152,7 @@ def combine(u: torch.Tensor, n: int, plan: ProbePlan, block: int = 8, device=Non
     g = torch.zeros(n, dtype=torch.float32, device=device)
     u = u.to(device=device, dtype=torch.float32)
     for a, b in _blocks(k, block):
-        z = flat_directions(plan.seed, range(a, b), n, plan.stream, device)
+        z = flat_directions(plan.seed, torch.arange(a, b), n, plan.stream, device)
         g.addmv_(z.T, u[a:b])
     return g.div_(k)
 

@@ -56,24 +56,10 @@ class FlatModel:
 
     @torch.no_grad()
     def loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Mean cross-entropy at weights w: one forward pass (per-example fp32 losses,
-        averaged in float64, exactly as :meth:`segment_losses` does)."""
+        """Mean cross-entropy at weights w: one forward pass (per-example fp32 losses
+        averaged in float64, as :class:`baffle.engine.Engine` does)."""
         self.load(w)
         return float(F.cross_entropy(self.module(x), y, reduction="none").double().mean())
-
-    @torch.no_grad()
-    def segment_losses(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, segment: torch.Tensor,
-                       segments: int) -> torch.Tensor:
-        """Mean loss of each segment of the batch (segment[i] = owner of example i), one forward.
-
-        Lets clients that share W and z_k (FedSGD) be evaluated in one bigger forward
-        while each still gets its own loss: row i's output depends only on row i.
-        """
-        self.load(w)
-        per = F.cross_entropy(self.module(x), y, reduction="none").double()
-        sums = torch.zeros(segments, dtype=torch.float64).index_add_(0, segment, per)
-        counts = torch.bincount(segment, minlength=segments).double()
-        return sums / counts
 
     def grad(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Backpropagation baseline: (flat gradient, loss) at w."""

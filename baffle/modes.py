@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from .data import ArrayDataset
-from .estimators import SCHEMES, ProbePlan, combine, probe, probe_and_combine
-from .flatmodel import FlatModel
+from .engine import Engine
+from .estimators import SCHEMES, ProbePlan, combine, probe_blocks
 from .perturb import derive_seed
 
 MODES = ("fedsgd", "fedavg")
@@ -168,61 +168,49 @@ class ClientData:
 
 # ---- client half ----------------------------------------------------------------------
 
-def client_update(model: FlatModel, data: ClientData, plan: RoundPlan, algo: Algorithm) -> tuple[Upload, ClientStats]:
+def client_update(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm) -> tuple[Upload, ClientStats]:
     """What one client computes in a round, forward passes only for ``method='baffle'``."""
-    if algo.mode == "fedsgd":
-        return _fedsgd_client(model, data, plan, algo)
-    return _fedavg_client(model, data, plan, algo)
-
-
-def _fedsgd_client(model, data, plan, algo):
+    if algo.mode == "fedavg":
+        return _fedavg_client(engine, data, plan, algo)
+    if algo.method == "baffle":
+        return fedsgd_clients(engine, [data], plan, algo)[0]
     x, y = data.batch(plan.round, algo.batch_size)
-    w = plan.weights
-    if algo.method == "backprop":
-        g, loss = model.grad(w, x, y)
-        return Upload(data.client, plan.round, g), ClientStats(1, 1, loss)
-    probe_plan = algo.probe_plan(plan.seed)
-    losses: list[float] = []
-
-    def loss_fn(v: torch.Tensor) -> float:
-        losses.append(model.loss(v, x, y))
-        return losses[-1]
-
-    u = probe(loss_fn, w, probe_plan, algo.probe_block)
-    return Upload(data.client, plan.round, u), ClientStats(len(losses), 0, _loss_at_w(losses, algo))
+    g, loss = engine.model.grad(plan.weights, x, y)
+    return Upload(data.client, plan.round, g), ClientStats(1, 1, loss)
 
 
-def fedsgd_clients(model: FlatModel, clients: list[ClientData], plan: RoundPlan,
+def _probe(engine: Engine, w: torch.Tensor, batches, plan: ProbePlan, algo: Algorithm, accumulate: bool = False):
+    """Probe W on the concatenation of ``batches`` (one per client sharing z_k);
+    returns (ProbeResult with u of shape (K, clients), forward passes per client)."""
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    segment = torch.cat([torch.full((len(b[1]),), i, dtype=torch.int64) for i, b in enumerate(batches)])
+    groups = len(batches)
+    before = engine.forward_passes
+    result = probe_blocks(
+        lambda v: engine.losses(v, x, y, segment, groups),
+        lambda v, z, s: engine.perturbed_losses(v, z, s, x, y, segment, groups),
+        w, plan, algo.probe_block, accumulate=accumulate, directions=engine.directions,
+    )
+    return result, engine.forward_passes - before
+
+
+def fedsgd_clients(engine: Engine, clients: list[ClientData], plan: RoundPlan,
                    algo: Algorithm) -> list[tuple[Upload, ClientStats]]:
     """FedSGD baffle for several clients at once, as a simulator may run them.
 
     All clients of a round share W and z_k, so their batches go through one forward
     per perturbation; each client still gets exactly its own u_c (its loss is the
-    mean over its own rows), equal to :func:`client_update` alone up to float
-    rounding. Each client is charged its own K+1 (or 2K) forward passes.
+    mean over its own rows), equal to probing alone up to float rounding. Each
+    client is charged every forward pass it took part in (K+1 or 2K).
     """
     if algo.mode != "fedsgd" or algo.method != "baffle":
         raise ValueError(f"fedsgd_clients is for mode fedsgd with method baffle, got {algo.mode}/{algo.method}")
     batches = [c.batch(plan.round, algo.batch_size) for c in clients]
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    segment = torch.cat([torch.full((len(b[1]),), i, dtype=torch.int64) for i, b in enumerate(batches)])
-    seen: list[torch.Tensor] = []
-
-    def loss_fn(v: torch.Tensor) -> torch.Tensor:
-        seen.append(model.segment_losses(v, x, y, segment, len(clients)))
-        return seen[-1]
-
-    u = probe(loss_fn, plan.weights, algo.probe_plan(plan.seed), algo.probe_block)
-    return [(Upload(c.client, plan.round, u[:, i].contiguous()),
-             ClientStats(len(seen), 0, float(_loss_at_w([s[i] for s in seen[:2]], algo))))
+    result, passes = _probe(engine, plan.weights, batches, algo.probe_plan(plan.seed), algo)
+    return [(Upload(c.client, plan.round, result.u[:, i].contiguous()),
+             ClientStats(passes, 0, float(result.loss_at_w[i])))
             for i, c in enumerate(clients)]
-
-
-def _loss_at_w(losses, algo: Algorithm) -> float:
-    """L(W) as seen by a probe: its first evaluation (forward scheme), or the mean of
-    L(W + sigma z_0) and L(W - sigma z_0) = L(W) + O(sigma^2) (central scheme)."""
-    return float(losses[0] if algo.scheme == "forward" else (losses[0] + losses[1]) / 2)
 
 
 def local_steps(data: ClientData, algo: Algorithm) -> int:
@@ -231,7 +219,7 @@ def local_steps(data: ClientData, algo: Algorithm) -> int:
     return min(steps, algo.local_steps) if algo.local_steps else steps
 
 
-def _fedavg_client(model, data, plan, algo):
+def _fedavg_client(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm):
     w = torch.nn.Parameter(plan.weights.clone())
     opt = make_optimizer(algo.client_optimizer, w, algo.client_lr, algo.betas)
     steps = local_steps(data, algo)
@@ -242,17 +230,12 @@ def _fedavg_client(model, data, plan, algo):
     for s in range(steps):
         x, y = data.batch(start + s, algo.batch_size)
         if algo.method == "backprop":
-            g, loss = model.grad(w.detach(), x, y)
+            g, loss = engine.model.grad(w.detach(), x, y)
             forwards += 1
         else:
-            seen: list[float] = []
-
-            def loss_fn(v: torch.Tensor) -> float:
-                seen.append(model.loss(v, x, y))
-                return seen[-1]
-
-            _, g = probe_and_combine(loss_fn, w.detach(), algo.probe_plan(step_seed, stream=s), algo.probe_block)
-            loss, forwards = _loss_at_w(seen, algo), forwards + len(seen)
+            result, passes = _probe(engine, w.detach(), [(x, y)], algo.probe_plan(step_seed, stream=s), algo,
+                                    accumulate=True)
+            g, loss, forwards = result.g, float(result.loss_at_w[0]), forwards + passes
         loss_sum += loss
         w.grad = g
         opt.step()

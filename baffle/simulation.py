@@ -4,7 +4,7 @@ Clients run one after another in this process on a shared :class:`FlatModel`;
 each sees only its own data, the round plan and nothing else. The round loop:
 
     plan     = RoundPlan(t, seed_t, W)                       server -> sampled clients
-    uploads  = [client_update(model, data_c, plan, algo)]    clients (forward only for baffle)
+    uploads  = [client_update(engine, data_c, plan, algo)]   clients (forward only for baffle)
     v        = sum_c (N_c / N) upload_c                      aggregation
     W        = server.step(server_decode(v))                 optimiser (+ EMA)
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from .aggregation import client_weights, weighted_sum
 from .data import ArrayDataset, client_sampler
+from .engine import Engine
 from .flatmodel import FlatModel
 from .modes import TAG_EVAL, TAG_SAMPLE, Algorithm, ClientData, RoundPlan, client_update, fedsgd_clients, round_seed, server_decode
 from .perturb import derive_seed
@@ -70,10 +71,12 @@ class Simulator:
         seed: int = 0,
         train_eval_size: int = 2000,
         clients_per_forward: int = 16,
+        engine: str = "loop",
     ):
         if not clients:
             raise ValueError("need at least one client")
         self.model = FlatModel(model)
+        self.engine = Engine(self.model, engine)
         self.algorithm = algorithm
         self.clients = [ClientData(i, d, seed) for i, d in enumerate(clients)]
         self.test = test
@@ -137,10 +140,10 @@ class Simulator:
         algo, group = self.algorithm, self.clients_per_forward
         if algo.mode == "fedsgd" and algo.method == "baffle" and group > 1:
             for i in range(0, len(chosen), group):
-                yield from fedsgd_clients(self.model, [self.clients[c] for c in chosen[i : i + group]], plan, algo)
+                yield from fedsgd_clients(self.engine, [self.clients[c] for c in chosen[i : i + group]], plan, algo)
         else:
             for c in chosen:
-                yield client_update(self.model, self.clients[c], plan, algo)
+                yield client_update(self.engine, self.clients[c], plan, algo)
 
     def state_dict(self) -> dict:
         return {

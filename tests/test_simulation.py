@@ -24,7 +24,7 @@ def make_sim(synth, clients=4, model="linear", fraction=1.0, server=None, per_fo
 def test_fedsgd_uplink_is_4k_bytes_per_client(synth, k):
     sim = make_sim(synth, clients=5, num_perturbations=k, batch_size=8)
     plan = RoundPlan(0, 1, sim.server.weights.clone())
-    upload, _ = client_update(sim.model, sim.clients[0], plan, sim.algorithm)
+    upload, _ = client_update(sim.engine, sim.clients[0], plan, sim.algorithm)
     assert upload.vector.dtype == torch.float32 and upload.vector.shape == (k,) and upload.nbytes == 4 * k
     r1, r2 = sim.step(evaluate=False), sim.step(evaluate=False)
     assert r1.uplink_bytes == r2.uplink_bytes == 5 * 4 * k
@@ -52,8 +52,8 @@ def test_fedavg_and_backprop_accounting(synth):
 def test_batched_clients_get_the_scalars_they_would_get_alone(synth):
     sim = make_sim(synth, clients=4, model="lenet", num_perturbations=5, batch_size=8)
     plan = RoundPlan(2, 99, sim.server.weights.clone())
-    alone = [client_update(sim.model, c, plan, sim.algorithm)[0].vector for c in sim.clients]
-    together = [up.vector for up, _ in fedsgd_clients(sim.model, sim.clients, plan, sim.algorithm)]
+    alone = [client_update(sim.engine, c, plan, sim.algorithm)[0].vector for c in sim.clients]
+    together = [up.vector for up, _ in fedsgd_clients(sim.engine, sim.clients, plan, sim.algorithm)]
     for a, b in zip(alone, together):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-3)  # u = d/sigma: fp32 loss rounding / 1e-4
 
