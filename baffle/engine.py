@@ -4,8 +4,10 @@ A probe needs L(W + s z_i) for a block of directions z_1..z_b on one batch. Exac
 estimators cannot share FLOPs between perturbations (only L(W) is shared), so the
 limit is b plain forward passes at the machine's best throughput. Engines:
 
-    loop      per direction: write W + s z_i into the model's flat parameter buffer
-              (one fused add, no copy), one eager forward. Memory: n + activations.
+    loop      per direction: write W + s z_i into the model's parameter storage
+              (one fused add; the block is gathered once into the storage's physical
+              order, see :mod:`baffle.flatmodel`), one eager forward.
+              Memory: n + activations.
     compiled  the same loop through torch.compile'd forward and direction generator
               (Inductor fuses the small convolutions' epilogues and the Philox rounds;
               compiles once per batch shape, a few seconds). Same memory as loop.
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .flatmodel import FlatModel
-from .perturb_torch import flat_directions
+from .perturb_torch import CompiledDirections, flat_directions
 
 ENGINES = ("loop", "compiled", "vmap")
 Directions = Callable[..., torch.Tensor]
@@ -36,7 +38,7 @@ def _check(name: str) -> None:
 class Engine:
     """Evaluates per-segment mean losses of a FlatModel at perturbed weights."""
 
-    def __init__(self, model: FlatModel, name: str = "loop"):
+    def __init__(self, model: FlatModel, name: str = "loop", block: int = 8):
         _check(name)
         self.model = model
         self.name = name
@@ -45,7 +47,7 @@ class Engine:
         self.forward_passes = 0  # counted where they happen: one per forward of the model
         if name == "compiled":
             self._forward = torch.compile(model.module, dynamic=False)
-            self.directions = torch.compile(flat_directions, dynamic=False)
+            self.directions = CompiledDirections(block)
 
     def _segment_means(self, logits: torch.Tensor, y: torch.Tensor, segment: torch.Tensor, groups: int):
         per = F.cross_entropy(logits, y, reduction="none").double()
@@ -68,11 +70,12 @@ class Engine:
         if self.name == "vmap":
             return self._vmap_losses(w, z, scale, x, y, segment, groups)
         out = torch.empty(z.shape[0], groups, dtype=torch.float64)
-        flat = self.model.flat
-        if w.data_ptr() == flat.data_ptr():
+        storage = self.model.storage
+        wp, zp = self.model.to_physical(w), self.model.to_physical(z)
+        if wp.data_ptr() == storage.data_ptr():
             raise ValueError("w must not be the model's own parameter buffer (it is overwritten per direction)")
         for i in range(z.shape[0]):
-            torch.add(w, z[i], alpha=scale, out=flat)
+            torch.add(wp, zp[i], alpha=scale, out=storage)
             out[i] = self._segment_means(self._forward(x), y, segment, groups)
         return out
 

@@ -24,27 +24,55 @@ def normals(
 ) -> torch.Tensor:
     """z_k[start:stop] for every k in ``ks``: float32 tensor of shape (len(ks), stop-start)."""
     _check_slice(start, stop)
-    k0, k1 = split_seed(seed)
     j0, j1 = block_range(start, stop)
     ks = torch.as_tensor(ks, dtype=torch.int64, device=device).reshape(-1, 1)
     j = torch.arange(j0, j1, dtype=torch.int64, device=ks.device).reshape(1, -1)
+    words = torch.tensor([*split_seed(seed), int(stream) & MASK32], dtype=torch.int64, device=ks.device)
+    flat = _normals_kernel(words, ks, j)
+    off = start - 4 * j0
+    return flat[:, off : off + (stop - start)]
+
+
+def _normals_kernel(words: torch.Tensor, ks: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Blocks j of directions ks: (len(ks), 4 len(j)) float32. Tensors only (key and
+    stream in ``words``), so one torch.compile of it serves every seed."""
     shape = (ks.shape[0], j.shape[1])
     c = (
         (j & MASK32).expand(shape),
         (ks & MASK32).expand(shape),
-        torch.full(shape, int(stream) & MASK32, dtype=torch.int64, device=ks.device),
+        words[2].expand(shape),
         torch.zeros(shape, dtype=torch.int64, device=ks.device),
     )
-    w = philox4x32(*c, k0, k1)
+    w = philox4x32(*c, words[0], words[1])
     z = torch.empty(shape + (4,), dtype=torch.float64, device=ks.device)
     for pair in (0, 1):
         r = torch.sqrt(-2.0 * torch.log((w[2 * pair] + 1).double() * INV_2_32))
         theta = TWO_PI * (w[2 * pair + 1].double() * INV_2_32)
         z[..., 2 * pair] = r * torch.cos(theta)
         z[..., 2 * pair + 1] = r * torch.sin(theta)
-    flat = z.reshape(shape[0], -1).to(torch.float32)
-    off = start - 4 * j0
-    return flat[:, off : off + (stop - start)]
+    return z.reshape(shape[0], -1).to(torch.float32)
+
+
+class CompiledDirections:
+    """flat_directions through a torch.compile'd kernel (same numbers, fused loops).
+
+    Shapes are kept fixed: a block is always generated ``block`` rows tall (a short
+    last block is padded with extra k and sliced), so the kernel compiles once per
+    (block, n) and never again for a new seed.
+    """
+
+    def __init__(self, block: int):
+        self.block = block
+        self._kernel = torch.compile(_normals_kernel, dynamic=False)
+
+    def __call__(self, seed: int, ks, n: int, stream: int = 0, device=None) -> torch.Tensor:
+        ks = torch.as_tensor(ks, dtype=torch.int64, device=device).reshape(-1)
+        rows = ks.numel()
+        if rows < self.block:
+            ks = torch.cat([ks, ks.new_zeros(self.block - rows)])
+        j = torch.arange(0, (n + 3) // 4, dtype=torch.int64, device=ks.device).reshape(1, -1)
+        words = torch.tensor([*split_seed(seed), int(stream) & MASK32], dtype=torch.int64, device=ks.device)
+        return self._kernel(words, ks.reshape(-1, 1), j)[:rows, :n]
 
 
 def flat_directions(

@@ -76,7 +76,7 @@ class Simulator:
         if not clients:
             raise ValueError("need at least one client")
         self.model = FlatModel(model)
-        self.engine = Engine(self.model, engine)
+        self.engine = Engine(self.model, engine, algorithm.probe_block)
         self.algorithm = algorithm
         self.clients = [ClientData(i, d, seed) for i, d in enumerate(clients)]
         self.test = test
@@ -86,7 +86,7 @@ class Simulator:
             raise ValueError(f"clients_per_forward must be >= 1, got {clients_per_forward}")
         self.clients_per_forward = clients_per_forward
         client_sampler(len(clients), client_fraction, np.random.default_rng(0))  # validates the fraction
-        self.server = Server(self.model.flat.clone(), server)
+        self.server = Server(self.model.weights(), server)
         self.round = 0
         self.forward_passes = 0
         self.backward_passes = 0

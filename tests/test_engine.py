@@ -42,7 +42,7 @@ def tolerance(model, w, x, y):
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_engine_matches_reference_loop(engine_name, name, scheme):
     model, x, y = setup(name)
-    w = model.flat.clone()
+    w = model.weights()
     before = w.clone()
     plan = ProbePlan(11, 6, SIGMA, scheme)
     reference = probe(lambda v: model.loss(v, x, y), w, plan, block=6)
@@ -58,7 +58,7 @@ def test_engine_matches_reference_loop(engine_name, name, scheme):
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_batched_clients_match_each_client_alone(engine_name):
     model, x, y = setup("lenet", batch=9)
-    w = model.flat.clone()
+    w = model.weights()
     plan = ProbePlan(4, 5, SIGMA)
     engine = Engine(model, engine_name)
     segment = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # clients of unequal batch sizes
@@ -72,7 +72,7 @@ def test_batched_clients_match_each_client_alone(engine_name):
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_block_size_does_not_change_the_scalars(engine_name):
     model, x, y = setup("lenet")
-    w = model.flat.clone()
+    w = model.weights()
     plan = ProbePlan(2, 7, SIGMA, "central")
     engine = Engine(model, engine_name)
     seg = torch.zeros(len(y), dtype=torch.int64)
@@ -89,8 +89,29 @@ def test_unknown_engine_is_named():
 
 
 def test_engine_refuses_to_overwrite_its_input():
-    model, x, y = setup("lenet")
+    g = torch.Generator().manual_seed(1)
+    model = FlatModel(build_model(MODELS["lenet"], generator=g), channels_last=False)  # identity order
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
     engine = Engine(model, "loop")
     with pytest.raises(ValueError, match="buffer"):
-        engine.perturbed_losses(model.flat, torch.zeros(1, model.n), 1e-3, x, y, torch.zeros(6, dtype=torch.int64), 1)
-    assert np.isfinite(model.loss(model.flat.clone(), x, y))
+        engine.perturbed_losses(model.storage, torch.zeros(1, model.n), 1e-3, x, y, torch.zeros(6, dtype=torch.int64), 1)
+
+
+def test_physical_order_is_invisible():
+    """Channels-last storage changes nothing a caller sees: same logical weights,
+    same parameters inside the module, same losses."""
+    spec = MODELS["wrn-10-2"]
+    a = FlatModel(build_model(spec, generator=torch.Generator().manual_seed(3)), channels_last=True)
+    b = FlatModel(build_model(spec, generator=torch.Generator().manual_seed(3)), channels_last=False)
+    assert a._order is not None and b._order is None
+    assert torch.equal(a.weights(), b.weights())
+    w = torch.randn(a.n, generator=torch.Generator().manual_seed(4)) * 0.05
+    a.load(w)
+    assert torch.equal(a.weights(), w)
+    for name, p in a.module.named_parameters():
+        assert torch.equal(p, a.named(w)[name])
+    x, y = torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
+    assert abs(a.loss(w, x, y) - b.loss(w, x, y)) < 1e-5
+    torch.testing.assert_close(a.grad(w, x, y)[0], b.grad(w, x, y)[0])
+    z = torch.randn(2, a.n)
+    assert torch.equal(a.to_physical(z)[:, a._order.argsort()], z)

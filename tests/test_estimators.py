@@ -25,12 +25,12 @@ def problem(name: str, batch: int = 32):
     model = FlatModel(build_model(spec, generator=g))
     x = torch.randn(batch, spec.in_channels, spec.image_size, spec.image_size, generator=g)
     y = torch.randint(0, spec.num_classes, (batch,), generator=g)
-    grad, _ = model.grad(model.flat.clone(), x, y)
+    grad, _ = model.grad(model.weights(), x, y)
     return model, x, y, grad
 
 
 def estimate(model, x, y, seed, k, scheme, block=8):
-    w = model.flat.clone()
+    w = model.weights()
     plan = ProbePlan(seed, k, 1e-4 if scheme == "forward" else 1e-3, scheme)
     u = probe(lambda v: model.loss(v, x, y), w, plan, block)
     return combine(u, w.numel(), plan, block)
@@ -87,7 +87,7 @@ def test_combine_is_linear_in_u():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_block_size_does_not_change_results_and_bounds_memory(scheme, monkeypatch):
     model, x, y, _ = problem("mlp")
-    w = model.flat.clone()
+    w = model.weights()
     plan = ProbePlan(3, 10, 1e-3, scheme)
     reference = probe(lambda v: model.loss(v, x, y), w, plan, block=10)
     held = []
@@ -105,7 +105,7 @@ def test_block_size_does_not_change_results_and_bounds_memory(scheme, monkeypatc
 def test_forward_pass_count(scheme, passes):
     model, x, y, _ = problem("linear")
     calls = []
-    probe(lambda v: calls.append(1) or model.loss(v, x, y), model.flat.clone(), ProbePlan(0, 10, 1e-4, scheme))
+    probe(lambda v: calls.append(1) or model.loss(v, x, y), model.weights(), ProbePlan(0, 10, 1e-4, scheme))
     assert len(calls) == passes == ProbePlan(0, 10, 1e-4, scheme).forward_passes
 
 
@@ -146,7 +146,7 @@ def test_probe_is_forward_only_and_leaves_weights_alone():
     """The client half builds no autograd graph: every loss evaluation runs with
     gradients off and the model's parameters do not require grad."""
     model, x, y, _ = problem("lenet")
-    w = model.flat.clone()
+    w = model.weights()
     before = w.clone()
     grad_modes = []
     hook = model.module.register_forward_hook(

@@ -106,3 +106,11 @@ def test_numpy_half_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) == float(normals_np(1, [0], 0, 4)[0, 0])
+
+
+def test_compiled_generator_equals_eager():
+    from baffle.perturb_torch import CompiledDirections, flat_directions
+
+    gen = CompiledDirections(block=4)
+    for seed, ks, stream in [(1, [0, 1, 2, 3], 0), (2**40 + 3, [4, 5], 7), (9, [0], 1)]:  # full and short blocks
+        assert torch.equal(gen(seed, ks, 1001, stream), flat_directions(seed, ks, 1001, stream))
