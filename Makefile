@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/fedsgd_round.py
+	$(BIN)/python benchmarks/engine.py
 
 clean-venv:
 	rm -rf $(VENV)
