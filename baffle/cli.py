@@ -85,6 +85,8 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
     print(f"baffle: client label counts ({config.partition} partition):\n{setup.label_summary}", file=err)
     print(f"baffle: {config.model} ({setup.simulator.n:,} parameters), {config.method} {config.mode}, "
           f"K={config.num_perturbations}, {config.rounds} rounds; run directory: {out}", file=err)
+    if config.engine == "compiled":
+        print("baffle: engine 'compiled': the first round includes torch.compile (about 10-30 s)", file=err)
     bar = tqdm(total=config.rounds, unit="round", disable=args.quiet, file=err, dynamic_ncols=True)
 
     def on_round(row: dict) -> None:
