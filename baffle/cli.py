@@ -39,8 +39,9 @@ def make_parser() -> argparse.ArgumentParser:
     for name, kind in RunConfig.field_types().items():
         if name in ("preset", "description"):
             continue
+        extra = {"nargs": "?", "const": "true"} if kind is bool else {}  # --secure-aggregation alone = on
         opts.add_argument(_flag(name), dest=f"opt_{name}", type=str, default=None, metavar=kind.__name__.upper(),
-                          help=f"(default {getattr(defaults, name)!r})")
+                          help=f"(default {getattr(defaults, name)!r})", **extra)
     sub.add_parser("presets", help="list the presets")
     return p
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import PARTITIONERS
+from .aggregation.options import SecureOptions
 from .engine import ENGINES
 from .modes import Algorithm
 from .server import ServerOptions
@@ -67,6 +68,12 @@ class RunConfig:
     probe_block: int = 8
     clients_per_forward: int = 16
     engine: str = "loop"
+    # secure aggregation (baffle.aggregation.options.SecureOptions)
+    secure_aggregation: bool = False
+    secagg_fraction_bits: int = 24
+    secagg_clip: float = 64.0
+    secagg_threshold: int = 0
+    secagg_dropout: float = 0.0
     preset: str = ""
     description: str = ""
 
@@ -82,6 +89,14 @@ class RunConfig:
         return ServerOptions(self.server_optimizer, self.server_lr, (self.beta1, self.beta2), self.ema_decay,
                              self.lr_schedule, self.rounds)
 
+    def secure_options(self) -> SecureOptions | None:
+        if not self.secure_aggregation:
+            return None
+        return SecureOptions(self.secagg_fraction_bits, self.secagg_clip, self.secagg_threshold, self.secagg_dropout)
+
+    def clients_per_round(self) -> int:
+        return max(1, round(self.client_fraction * self.num_clients))
+
     def validate(self) -> "RunConfig":
         """Check every value; raise ConfigError naming the first bad one."""
         try:
@@ -89,6 +104,12 @@ class RunConfig:
             self.server_options()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        try:
+            secure = self.secure_options()
+            if secure is not None:
+                secure.config(self.clients_per_round())
+        except ValueError as e:
+            raise ConfigError(f"secure aggregation: {e}") from None
         for name in ("num_clients", "rounds", "eval_every", "threads", "shards_per_client", "min_client_size",
                      "train_eval_size", "clients_per_forward"):
             if getattr(self, name) < 1:
@@ -110,7 +131,7 @@ class RunConfig:
 
     @classmethod
     def field_types(cls) -> dict[str, type]:
-        kinds = {"int": int, "float": float, "str": str, "str | None": str}
+        kinds = {"int": int, "float": float, "str": str, "str | None": str, "bool": bool}
         return {f.name: kinds[f.type] for f in fields(cls)}
 
     @classmethod
@@ -127,6 +148,15 @@ def coerce(name: str, value: Any, kind: type) -> Any:
     if value is None and name == "data_root":
         return None
     try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -36,7 +36,7 @@ SEED_BYTES = 8
 FLOAT_BYTES = 4
 
 # purpose words for derive_seed: one per use of randomness
-TAG_ROUND, TAG_DATA, TAG_LOCAL, TAG_SAMPLE, TAG_INIT, TAG_EVAL = 1, 2, 3, 4, 5, 6
+TAG_ROUND, TAG_DATA, TAG_LOCAL, TAG_SAMPLE, TAG_INIT, TAG_EVAL, TAG_SECURE = 1, 2, 3, 4, 5, 6, 7
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ def build(config: RunConfig) -> Setup:
         raise ConfigError(str(e)) from None
     sim = Simulator(model, [train.subset(p) for p in parts], test, config.algorithm(), config.server_options(),
                     client_fraction=config.client_fraction, seed=config.seed,
-                    train_eval_size=config.train_eval_size, clients_per_forward=config.clients_per_forward, engine=config.engine)
+                    train_eval_size=config.train_eval_size, clients_per_forward=config.clients_per_forward, engine=config.engine,
+                    secure=config.secure_options())
     return Setup(sim, label_summary(labels, parts, train.num_classes))
 
 

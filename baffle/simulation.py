@@ -25,7 +25,8 @@ from .aggregation import client_weights, weighted_sum
 from .data import ArrayDataset, client_sampler
 from .engine import Engine
 from .flatmodel import FlatModel
-from .modes import TAG_EVAL, TAG_SAMPLE, Algorithm, ClientData, RoundPlan, client_update, fedsgd_clients, round_seed, server_decode
+from .aggregation.options import SecureOptions
+from .modes import TAG_EVAL, TAG_SAMPLE, TAG_SECURE, Algorithm, ClientData, RoundPlan, client_update, fedsgd_clients, round_seed, server_decode
 from .perturb import derive_seed
 from .server import Server, ServerOptions
 
@@ -51,6 +52,8 @@ class RoundRecord:
     downlink_bytes: int
     forward_passes: int
     backward_passes: int
+    secure_extra_bytes: int = 0  # per client: secure-aggregation uplink beyond the plain upload
+    skipped: str | None = None  # why the round left the model unchanged (secure sum failed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,11 +75,13 @@ class Simulator:
         train_eval_size: int = 2000,
         clients_per_forward: int = 16,
         engine: str = "loop",
+        secure: SecureOptions | None = None,
     ):
         if not clients:
             raise ValueError("need at least one client")
         self.model = FlatModel(model)
         self.engine = Engine(self.model, engine, algorithm.probe_block)
+        self.secure = secure
         self.algorithm = algorithm
         self.clients = [ClientData(i, d, seed) for i, d in enumerate(clients)]
         self.test = test
@@ -113,7 +118,19 @@ class Simulator:
             self.forward_passes += stats.forward_passes
             self.backward_passes += stats.backward_passes
         weights = client_weights([len(self.clients[c]) for c in chosen])
-        self.server.step(server_decode(weighted_sum(uploads, weights), plan, self.algorithm))
+        extra, skipped = 0, None
+        if self.secure is None:
+            self.server.step(server_decode(weighted_sum(uploads, weights), plan, self.algorithm))
+        else:
+            result = self.secure.aggregate(chosen, uploads, weights, t, derive_seed(self.seed, TAG_SECURE, t))
+            plain = uplink // len(chosen)
+            extra = int(round(result.bytes_per_client.get("uplink", plain))) - plain
+            uplink = int(round(result.bytes_per_client.get("uplink", 0) * (len(chosen) - len(result.dropped))))
+            if result.ok:  # a weighted mean over the clients that survived
+                aggregate = torch.from_numpy(result.sum / result.weight).to(torch.float32)
+                self.server.step(server_decode(aggregate, plan, self.algorithm))
+            else:
+                skipped = result.reason
         self.round += 1
         ev = tr = None
         if evaluate:
@@ -132,6 +149,8 @@ class Simulator:
             downlink_bytes=len(chosen) * plan.nbytes,
             forward_passes=self.forward_passes,
             backward_passes=self.backward_passes,
+            secure_extra_bytes=extra,
+            skipped=skipped,
         )
 
     def _client_work(self, chosen: list[int], plan: RoundPlan):

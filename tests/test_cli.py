@@ -171,3 +171,13 @@ def test_help_lists_options():
     out = baffle("run", "--help")
     for flag in ("--preset", "--out", "--resume", "--num-perturbations", "--sigma", "--mode", "--partition"):
         assert flag in out.stdout
+
+
+def test_secure_aggregation_options():
+    c = resolve("quick", {"secure_aggregation": "true", "secagg_fraction_bits": "16"})
+    assert c.secure_options().config(10).fraction_bits == 16
+    assert resolve("quick", {}).secure_options() is None
+    with pytest.raises(ValueError, match="threshold"):
+        resolve("quick", {"secure_aggregation": "1", "secagg_threshold": "11"})
+    out = baffle("run", "--help")
+    assert "--secure-aggregation" in out.stdout

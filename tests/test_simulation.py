@@ -155,3 +155,43 @@ def test_cosine_schedule_is_explicit_and_exact():
     with pytest.raises(ValueError, match="'step'"):
         ServerOptions(schedule="step")
     assert ServerOptions("sgd", 0.1).lr_at(1000) == 0.1  # constant by default
+
+
+def test_secure_fedsgd_run_matches_plain_within_quantisation(synth):
+    """Same seed with and without secure aggregation.
+
+    One round from the same W: the secure aggregate differs from the plain one by at
+    most n 2^-(f+1) per scalar (+ float32 rounding of the plain sum, 2^-24 |u|), so with
+    server SGD each weight moves by at most lr * max|z| * that (max|z| <= 6.7 for the
+    stream's 32-bit uniforms). Over a run, forward differences at sigma = 1e-4 amplify
+    any change of W by ~eps32 |L| / sigma per scalar, so the runs are compared by their
+    result: final test loss within 1% and accuracy within 2 points."""
+    from baffle.aggregation.options import SecureOptions
+
+    kw = dict(clients=4, num_perturbations=8, batch_size=8, server=ServerOptions("sgd", 0.05))
+    plain, secure = make_sim(synth, **kw), make_sim(synth, **kw)
+    secure.secure = SecureOptions(fraction_bits=24)
+    a, b = plain.step(evaluate=False), secure.step(evaluate=False)
+    assert b.skipped is None and b.secure_extra_bytes > 0
+    u_max = 50.0  # generous bound on |u| for this problem (measured ~13)
+    bound = 0.05 * 6.7 * (4 * 2.0**-25 + 2.0**-24 * u_max)
+    assert (plain.server.weights - secure.server.weights).abs().max() <= bound
+    for _ in range(18):
+        plain.step(evaluate=False), secure.step(evaluate=False)
+    a, b = plain.step(), secure.step()
+    assert abs(a.test_loss - b.test_loss) < 0.01 * a.test_loss
+    assert abs(a.test_top1 - b.test_top1) <= 0.02
+
+
+def test_secure_round_below_threshold_is_skipped(synth):
+    from baffle.aggregation.options import SecureOptions
+
+    sim = make_sim(synth, clients=4, num_perturbations=4, batch_size=8)
+    sim.secure = SecureOptions(dropout=0.5)  # 2 of 4 survive; threshold 3
+    before = sim.server.weights.clone()
+    record = sim.step(evaluate=False)
+    assert record.skipped and "threshold" in record.skipped
+    assert torch.equal(sim.server.weights, before)
+    sim.secure = SecureOptions(dropout=0.25)  # 3 of 4 survive: the round goes through
+    assert sim.step(evaluate=False).skipped is None
+    assert not torch.equal(sim.server.weights, before)
