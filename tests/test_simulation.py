@@ -183,6 +183,22 @@ def test_secure_fedsgd_run_matches_plain_within_quantisation(synth):
     assert abs(a.test_top1 - b.test_top1) <= 0.02
 
 
+def test_secure_fedavg_round_equals_plain_round(synth):
+    """FedAvg uploads model deltas (n floats); one secure round from the same W moves
+    the weights by the same amount within the quantisation bound n 2^-(f+1) (server
+    SGD lr 1: the delta is applied as is), plus float32 rounding of the plain sum."""
+    from baffle.aggregation.options import SecureOptions
+
+    kw = dict(clients=3, mode="fedavg", num_perturbations=4, batch_size=16, local_steps=2,
+              server=ServerOptions("sgd", 1.0))
+    plain, secure = make_sim(synth, **kw), make_sim(synth, **kw)
+    secure.secure = SecureOptions()
+    plain.step(evaluate=False)
+    record = secure.step(evaluate=False)
+    assert record.skipped is None and record.secure_extra_bytes > 0
+    assert (plain.server.weights - secure.server.weights).abs().max() <= 3 * 2.0**-25 + 1e-6
+
+
 def test_secure_round_below_threshold_is_skipped(synth):
     from baffle.aggregation.options import SecureOptions
 
