@@ -71,11 +71,12 @@ class Engine:
             return self._vmap_losses(w, z, scale, x, y, segment, groups)
         out = torch.empty(z.shape[0], groups, dtype=torch.float64)
         storage = self.model.storage
-        wp, zp = self.model.to_physical(w), self.model.to_physical(z)
+        wp = self.model.to_physical(w)
         if wp.data_ptr() == storage.data_ptr():
             raise ValueError("w must not be the model's own parameter buffer (it is overwritten per direction)")
         for i in range(z.shape[0]):
-            torch.add(wp, zp[i], alpha=scale, out=storage)
+            # one row at a time into physical order: memory n, not another block
+            torch.add(wp, self.model.to_physical(z[i]), alpha=scale, out=storage)
             out[i] = self._segment_means(self._forward(x), y, segment, groups)
         return out
 
