@@ -78,12 +78,9 @@ class RunConfig:
     description: str = ""
 
     def algorithm(self) -> Algorithm:
-        return Algorithm(
-            mode=self.mode, method=self.method, num_perturbations=self.num_perturbations, sigma=self.sigma,
-            scheme=self.scheme, batch_size=self.batch_size, local_epochs=self.local_epochs,
-            local_steps=self.local_steps, client_optimizer=self.client_optimizer, client_lr=self.client_lr,
-            betas=(self.beta1, self.beta2), probe_block=self.probe_block,
-        )
+        """The Algorithm fields come from the fields of the same name (betas from beta1/2)."""
+        same = {f.name for f in fields(Algorithm)} - {"betas"}
+        return Algorithm(**{name: getattr(self, name) for name in same}, betas=(self.beta1, self.beta2))
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(self.server_optimizer, self.server_lr, (self.beta1, self.beta2), self.ema_decay,
