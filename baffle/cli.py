@@ -91,6 +91,8 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
     bar = tqdm(total=config.rounds, unit="round", disable=args.quiet, file=err, dynamic_ncols=True)
 
     def on_round(row: dict) -> None:
+        for reason in row.get("rejected", ()):
+            bar.write(f"baffle: round {row['round']}: secure aggregation left out {reason}", file=err)
         if row.get("skipped"):
             bar.write(f"baffle: round {row['round']} skipped, model unchanged: {row['skipped']}", file=err)
         if row["test_top1"] is not None:

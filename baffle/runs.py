@@ -211,7 +211,7 @@ def finish(out: Path, config: RunConfig, sim: Simulator, metrics: list[dict]) ->
         "best_round": best["round"],
         "uplink_bytes_total": sum(m["uplink_bytes"] for m in metrics),
         "downlink_bytes_total": sum(m["downlink_bytes"] for m in metrics),
-        "uplink_bytes_per_client_round": 4 * sim.algorithm.uplink_floats(sim.n),
+        "uplink_bytes_per_client_round": round(sum(m["uplink_bytes"] / m["clients"] for m in metrics) / len(metrics), 1),
         "forward_passes_total": final["forward_passes"],
         "backward_passes_total": final["backward_passes"],
         "parameters": sim.n,

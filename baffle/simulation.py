@@ -52,8 +52,9 @@ class RoundRecord:
     downlink_bytes: int
     forward_passes: int
     backward_passes: int
-    secure_extra_bytes: int = 0  # per client: secure-aggregation uplink beyond the plain upload
+    secure_extra_bytes: int = 0  # per surviving client: secure-aggregation uplink beyond the plain upload
     skipped: str | None = None  # why the round left the model unchanged (secure sum failed)
+    rejected: tuple[str, ...] = ()  # "client c, phase: reason" for messages the secure sum left out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,14 +119,19 @@ class Simulator:
             self.forward_passes += stats.forward_passes
             self.backward_passes += stats.backward_passes
         weights = client_weights([len(self.clients[c]) for c in chosen])
-        extra, skipped = 0, None
+        extra, skipped, rejected = 0, None, ()
+        downlink = len(chosen) * plan.nbytes
         if self.secure is None:
             self.server.step(server_decode(weighted_sum(uploads, weights), plan, self.algorithm))
         else:
             result = self.secure.aggregate(chosen, uploads, weights, t, derive_seed(self.seed, TAG_SECURE, t))
+            # protocol messages replace the plain upload; every sender's bytes count,
+            # dropped clients' included
             plain = uplink // len(chosen)
-            extra = int(round(result.bytes_per_client.get("uplink", plain))) - plain
-            uplink = int(round(result.bytes_per_client.get("uplink", 0) * (len(chosen) - len(result.dropped))))
+            extra = int(round(result.bytes_per_client["survivor_uplink"])) - plain
+            uplink = int(round(result.bytes_per_client["uplink_total"]))
+            downlink += int(round(result.bytes_per_client["downlink_total"]))
+            rejected = tuple(f"client {r.client}, {r.phase}: {r.reason}" for r in result.rejected)
             if result.ok:  # a weighted mean over the clients that survived
                 aggregate = torch.from_numpy(result.sum / result.weight).to(torch.float32)
                 self.server.step(server_decode(aggregate, plan, self.algorithm))
@@ -146,11 +152,12 @@ class Simulator:
             train_loss=tr,
             client_loss=float(np.mean(losses)),
             uplink_bytes=uplink,
-            downlink_bytes=len(chosen) * plan.nbytes,
+            downlink_bytes=downlink,
             forward_passes=self.forward_passes,
             backward_passes=self.backward_passes,
             secure_extra_bytes=extra,
             skipped=skipped,
+            rejected=rejected,
         )
 
     def _client_work(self, chosen: list[int], plan: RoundPlan):

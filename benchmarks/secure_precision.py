@@ -37,6 +37,8 @@ class Measured:
 
     def aggregate(self, clients, vectors, weights, round, seed):
         result = self.options.aggregate(clients, vectors, weights, round, seed)
+        if not result.ok:
+            return result
         plain = sum(w * v.double().numpy() for v, w in zip(vectors, weights))  # exact-ish float64 reference
         self.errors.append(np.abs(result.sum / result.weight - plain))
         return result
@@ -59,7 +61,7 @@ def run(rounds: int, bits: int | None, eval_every: int) -> dict:
     if probe is not None:
         err = np.concatenate(probe.errors)
         out.update(max_abs_error=float(err.max()), mean_abs_error=float(err.mean()),
-                   bound=10 * 2.0 ** -(bits + 1))
+                   bound=config.clients_per_round() * 2.0 ** -(bits + 1))
     return out
 
 

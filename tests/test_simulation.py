@@ -209,5 +209,9 @@ def test_secure_round_below_threshold_is_skipped(synth):
     assert record.skipped and "threshold" in record.skipped
     assert torch.equal(sim.server.weights, before)
     sim.secure = SecureOptions(dropout=0.25)  # 3 of 4 survive: the round goes through
-    assert sim.step(evaluate=False).skipped is None
+    record = sim.step(evaluate=False)
+    assert record.skipped is None and record.rejected == ()
+    # every sender's bytes count: the dropped client's keys and shares too
+    assert record.uplink_bytes > 3 * (record.secure_extra_bytes + 4 * 4)
+    assert record.downlink_bytes > 4 * (4 * sim.n + 8)  # weights + the protocol's messages
     assert not torch.equal(sim.server.weights, before)

@@ -687,9 +687,13 @@ class SecureAggServer:
         per_phase = {p: float(np.mean(list(up.values()))) if up else 0.0 for p, up in self._up.items()}
         senders = set().union(*(up.keys() for up in self._up.values()))
         uplink = [sum(up.get(c, 0) for up in self._up.values()) for c in senders]
+        down = [self._down.get(c, 0) for c in senders]
+        kept = [sum(up.get(c, 0) for up in self._up.values()) for c in survivors]
         bytes_per_client = {**per_phase,
                             "uplink": float(np.mean(uplink)) if uplink else 0.0,
-                            "downlink": float(np.mean([self._down.get(c, 0) for c in senders])) if senders else 0.0}
+                            "downlink": float(np.mean(down)) if senders else 0.0,
+                            "uplink_total": float(sum(uplink)), "downlink_total": float(sum(down)),
+                            "survivor_uplink": float(np.mean(kept)) if kept else 0.0}
         return SecureSumResult(
             round=self.round, sum=total,
             weight=float(sum(self._masked[c].weight for c in survivors)),
