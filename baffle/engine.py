@@ -5,8 +5,8 @@ estimators cannot share FLOPs between perturbations (only L(W) is shared), so th
 limit is b plain forward passes at the machine's best throughput. Engines:
 
     loop      per direction: write W + s z_i into the model's parameter storage
-              (one fused add; the block is gathered once into the storage's physical
-              order, see :mod:`baffle.flatmodel`), one eager forward.
+              (z_i is gathered into the storage's physical order one row at a time,
+              see :mod:`baffle.flatmodel`; then one fused add), one eager forward.
               Memory: n + activations.
     compiled  the same loop through torch.compile'd forward and direction generator
               (Inductor fuses the small convolutions' epilogues and the Philox rounds;
@@ -49,10 +49,15 @@ class Engine:
             self._forward = torch.compile(model.module, dynamic=False)
             self.directions = CompiledDirections(block)
 
-    def _segment_means(self, logits: torch.Tensor, y: torch.Tensor, segment: torch.Tensor, groups: int):
-        per = F.cross_entropy(logits, y, reduction="none").double()
-        sums = torch.zeros(groups, dtype=torch.float64).index_add_(0, segment, per)
+    @staticmethod
+    def _segment_means(per: torch.Tensor, segment: torch.Tensor, groups: int) -> torch.Tensor:
+        """Mean of per-example losses (..., B) over each segment: (..., groups), float64."""
+        per = per.double()
+        sums = per.new_zeros((*per.shape[:-1], groups)).index_add_(per.dim() - 1, segment, per)
         return sums / torch.bincount(segment, minlength=groups).double()
+
+    def _losses(self, x: torch.Tensor, y: torch.Tensor, segment: torch.Tensor, groups: int) -> torch.Tensor:
+        return self._segment_means(F.cross_entropy(self._forward(x), y, reduction="none"), segment, groups)
 
     @torch.no_grad()
     def losses(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, segment: torch.Tensor,
@@ -60,7 +65,7 @@ class Engine:
         """Per-segment mean loss at W itself: shape (groups,)."""
         self.model.load(w)
         self.forward_passes += 1
-        return self._segment_means(self._forward(x), y, segment, groups)
+        return self._losses(x, y, segment, groups)
 
     @torch.no_grad()
     def perturbed_losses(self, w: torch.Tensor, z: torch.Tensor, scale: float, x: torch.Tensor, y: torch.Tensor,
@@ -77,7 +82,7 @@ class Engine:
         for i in range(z.shape[0]):
             # one row at a time into physical order: memory n, not another block
             torch.add(wp, self.model.to_physical(z[i]), alpha=scale, out=storage)
-            out[i] = self._segment_means(self._forward(x), y, segment, groups)
+            out[i] = self._losses(x, y, segment, groups)
         return out
 
     def _vmap_losses(self, w, z, scale, x, y, segment, groups):
@@ -87,6 +92,4 @@ class Engine:
             logits = torch.func.functional_call(model.module, model.named(v), (x,))
             return F.cross_entropy(logits, y, reduction="none")
 
-        per = torch.func.vmap(one)(torch.add(w, z, alpha=scale)).double()  # (b, B)
-        sums = torch.zeros(z.shape[0], groups, dtype=torch.float64).index_add_(1, segment, per)
-        return sums / torch.bincount(segment, minlength=groups).double()
+        return self._segment_means(torch.func.vmap(one)(torch.add(w, z, alpha=scale)), segment, groups)
