@@ -13,8 +13,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "zo_gradient": "estimators", "probe": "estimators", "combine": "estimators", "ProbePlan": "estimators",
-    "SCHEMES": "estimators",
+    "zo_gradient": "estimators", "probe": "estimators", "combine": "estimators", "ProbePlan": "plan",
+    "SCHEMES": "plan",
     "Layout": "perturb", "derive_seed": "perturb", "normals_np": "perturb", "directions_np": "perturb",
     "normals": "perturb_torch", "directions": "perturb_torch",
     "Algorithm": "modes", "RoundPlan": "modes", "Upload": "modes", "client_update": "modes",

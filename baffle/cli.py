@@ -1,4 +1,4 @@
-"""The ``baffle`` command: ``baffle run``, ``baffle presets``.
+"""The ``baffle`` command: ``baffle run``, ``baffle export-onnx``, ``baffle presets``.
 
 The only layer that talks to the user: progress bar, summaries, one-line errors
 (exit code 2 for bad input, 130 for Ctrl-C, with the command that resumes).
@@ -29,12 +29,28 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run a preset, with options overriding it",
                          description="Run a preset; every option below overrides the preset's value.")
-    run.add_argument("--preset", default=None,
-                     help=f"preset name (default {DEFAULT_PRESET}); one of: {', '.join(preset_names())}")
+    _preset_options(run)
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>-<time>)")
     run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    opts = run.add_argument_group("run options (override the preset)")
+    _run_options(run)
+    export = sub.add_parser("export-onnx", help="export a preset's model to ONNX for inference-only clients",
+                            description="Write the model of a preset (with the options below) as ONNX with its "
+                                        "weights as the graph input 'w', for baffle.edge.OnnxClient.")
+    _preset_options(export)
+    export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    _run_options(export)
+    sub.add_parser("presets", help="list the presets")
+    return p
+
+
+def _preset_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None,
+                   help=f"preset name (default {DEFAULT_PRESET}); one of: {', '.join(preset_names())}")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    opts = p.add_argument_group("run options (override the preset)")
     defaults = RunConfig()
     for name, kind in RunConfig.field_types().items():
         if name in ("preset", "description"):
@@ -42,8 +58,35 @@ def make_parser() -> argparse.ArgumentParser:
         extra = {"nargs": "?", "const": "true"} if kind is bool else {}  # --secure-aggregation alone = on
         opts.add_argument(_flag(name), dest=f"opt_{name}", type=str, default=None, metavar=kind.__name__.upper(),
                           help=f"(default {getattr(defaults, name)!r})", **extra)
-    sub.add_parser("presets", help="list the presets")
-    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """The run options given on the command line ("" unsets an optional one)."""
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    for name in RunConfig.optional_fields():
+        if overrides.get(name) == "":
+            overrides[name] = None
+    return overrides
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export the model only: the dataset is read for its example shape and classes."""
+    from . import runs
+    from .data import load_dataset
+    from .edge.export import export_onnx
+
+    config = resolve(args.preset or DEFAULT_PRESET, _overrides(args))
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a directory; give the .onnx file to write")
+    train, _ = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    shape = tuple(train.x.shape[1:])
+    model = runs.build_model_for(config, shape, train.num_classes)
+    blob = export_onnx(model, shape)
+    runs.atomic_write(args.out, blob)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {config.model} ({n:,} weights as input 'w'), input 'x' (batch, "
+          f"{', '.join(map(str, shape))}), output 'logits' ({train.num_classes} classes), {len(blob):,} bytes")
+    return 0
 
 
 def cmd_presets() -> int:
@@ -58,9 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from . import runs
 
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    if overrides.get("data_root") == "":
-        overrides["data_root"] = None
+    overrides = _overrides(args)
     if args.resume is not None:
         if args.out is not None:
             raise ConfigError("--out cannot be combined with --resume (the run continues in its own directory)")
@@ -86,13 +127,15 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
     print(f"baffle: client label counts ({config.partition} partition):\n{setup.label_summary}", file=err)
     print(f"baffle: {config.model} ({setup.simulator.n:,} parameters), {config.method} {config.mode}, "
           f"K={config.num_perturbations}, {config.rounds} rounds; run directory: {out}", file=err)
+    for note in setup.notes:
+        print(f"baffle: {note}", file=err)
     if config.engine == "compiled":
         print("baffle: engine 'compiled': the first round includes torch.compile (about 10-30 s)", file=err)
     bar = tqdm(total=config.rounds, unit="round", disable=args.quiet, file=err, dynamic_ncols=True)
 
     def on_round(row: dict) -> None:
         for reason in row.get("rejected", ()):
-            bar.write(f"baffle: round {row['round']}: secure aggregation left out {reason}", file=err)
+            bar.write(f"baffle: round {row['round']}: left out {reason}", file=err)
         if row.get("skipped"):
             bar.write(f"baffle: round {row['round']} skipped, model unchanged: {row['skipped']}", file=err)
         if row["test_top1"] is not None:
@@ -123,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "presets":
             return cmd_presets()
+        if args.command == "export-onnx":
+            return cmd_export_onnx(args)
         return cmd_run(args)
     except (ConfigError, DataError) as e:
         print(f"baffle: error: {e}", file=sys.stderr)

@@ -74,6 +74,9 @@ class RunConfig:
     secagg_clip: float = 64.0
     secagg_threshold: int = 0
     secagg_dropout: float = 0.0
+    # inference-only clients (baffle.edge): the first onnx_clients clients run ONNX Runtime + NumPy
+    onnx_clients: int = 0
+    onnx_model: str | None = None  # a file from `baffle export-onnx` (default: export the run's model)
     preset: str = ""
     description: str = ""
 
@@ -119,12 +122,20 @@ class RunConfig:
             raise ConfigError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
         if self.partition not in PARTITIONERS:
             raise ConfigError(f"unknown partition {self.partition!r} (choose from {', '.join(PARTITIONERS)})")
+        if not 0 <= self.onnx_clients <= self.num_clients:
+            raise ConfigError(f"onnx_clients must be in [0, num_clients = {self.num_clients}], got {self.onnx_clients}")
+        if self.onnx_clients and (self.mode, self.method) != ("fedsgd", "baffle"):
+            raise ConfigError(f"onnx_clients need mode fedsgd with method baffle, got {self.mode}/{self.method}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def optional_fields(cls) -> set[str]:
+        return {f.name for f in fields(cls) if f.type == "str | None"}
 
     @classmethod
     def field_types(cls) -> dict[str, type]:
@@ -142,7 +153,7 @@ class RunConfig:
 
 def coerce(name: str, value: Any, kind: type) -> Any:
     """Convert a JSON or command-line value to the field's type, naming it on failure."""
-    if value is None and name == "data_root":
+    if value is None and name in OPTIONAL:
         return None
     try:
         if kind is bool:
@@ -186,3 +197,6 @@ def resolve(preset: str, overrides: dict[str, Any]) -> RunConfig:
     values = load_preset(preset)
     values.update(overrides)
     return RunConfig.from_dict(values, source=f"preset {preset!r}").validate()
+
+
+OPTIONAL = RunConfig.optional_fields()  # str | None fields: None (or "" on the command line) means unset

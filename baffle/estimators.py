@@ -27,38 +27,10 @@ from typing import Callable, Mapping
 import torch
 
 from .perturb import Layout
+from .plan import SCHEMES, ProbePlan  # noqa: F401  (re-exported: the plan is part of this API)
 from .perturb_torch import flat_directions
 
-SCHEMES = ("forward", "central")
 FlatLoss = Callable[[torch.Tensor], "float | torch.Tensor"]
-
-
-@dataclass(frozen=True)
-class ProbePlan:
-    """What a client needs to probe: the server -> client half of a FedSGD round.
-
-    seed: round seed keying the direction stream; stream: purpose word (local step).
-    """
-
-    seed: int
-    num_perturbations: int
-    sigma: float
-    scheme: str = "forward"
-    stream: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_perturbations < 1:
-            raise ValueError(f"num_perturbations (K) must be >= 1, got {self.num_perturbations}")
-        if not self.sigma > 0 or self.sigma != self.sigma or self.sigma == float("inf"):
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {self.scheme!r} (choose from {', '.join(SCHEMES)})")
-
-    @property
-    def forward_passes(self) -> int:
-        """Forward passes one probe costs: K+1 (forward) or 2K (central)."""
-        k = self.num_perturbations
-        return k + 1 if self.scheme == "forward" else 2 * k
 
 
 def _blocks(k: int, block: int):

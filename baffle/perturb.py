@@ -110,30 +110,46 @@ def _check_slice(start: int, stop: int) -> None:
         raise ValueError(f"direction slice must satisfy 0 <= start <= stop, got [{start}, {stop})")
 
 
+CHUNK = 1 << 15  # counter values (rows x blocks) per generation step: bounds the temporaries
+
+
+def chunks(rows: int, j0: int, j1: int):
+    """Yield [a, b) sub-ranges of blocks [j0, j1) holding at most CHUNK counters over ``rows`` rows.
+
+    The integer arithmetic keeps ~a dozen int64 temporaries per counter alive, so
+    generating a whole WRN direction block at once would cost hundreds of MB;
+    chunking keeps it at a few MB whatever n and the block size are.
+    """
+    step = max(1, CHUNK // max(1, rows))
+    for a in range(j0, j1, step):
+        yield a, min(j1, a + step)
+
+
 def normals_np(seed: int, ks: Sequence[int] | np.ndarray, start: int, stop: int, stream: int = 0) -> np.ndarray:
     """z_k[start:stop] for every k in ``ks``: float32 array of shape (len(ks), stop-start)."""
     _check_slice(start, stop)
     k0, k1 = split_seed(seed)
     j0, j1 = block_range(start, stop)
     ks = np.asarray(ks, dtype=np.int64).reshape(-1, 1)
-    j = np.arange(j0, j1, dtype=np.int64).reshape(1, -1)
-    shape = (ks.shape[0], j.shape[1])
-    c = (
-        np.broadcast_to(j & MASK32, shape),
-        np.broadcast_to(ks & MASK32, shape),
-        np.full(shape, int(stream) & MASK32, dtype=np.int64),
-        np.zeros(shape, dtype=np.int64),
-    )
-    w = philox4x32(*c, k0, k1)
-    z = np.empty(shape + (4,), dtype=np.float64)
-    for pair in (0, 1):
-        r = np.sqrt(-2.0 * np.log((w[2 * pair] + 1) * INV_2_32))
-        theta = TWO_PI * (w[2 * pair + 1] * INV_2_32)
-        z[..., 2 * pair] = r * np.cos(theta)
-        z[..., 2 * pair + 1] = r * np.sin(theta)
-    flat = z.reshape(shape[0], -1).astype(np.float32)
+    out = np.empty((ks.shape[0], 4 * (j1 - j0)), dtype=np.float32)
+    for a, b in chunks(ks.shape[0], j0, j1):
+        j = np.arange(a, b, dtype=np.int64).reshape(1, -1)
+        shape = (ks.shape[0], j.shape[1])
+        c = (
+            np.broadcast_to(j & MASK32, shape),
+            np.broadcast_to(ks & MASK32, shape),
+            np.full(shape, int(stream) & MASK32, dtype=np.int64),
+            np.zeros(shape, dtype=np.int64),
+        )
+        w = philox4x32(*c, k0, k1)
+        z = out[:, 4 * (a - j0) : 4 * (b - j0)].reshape(shape + (4,))
+        for pair in (0, 1):
+            r = np.sqrt(-2.0 * np.log((w[2 * pair] + 1) * INV_2_32))
+            theta = TWO_PI * (w[2 * pair + 1] * INV_2_32)
+            z[..., 2 * pair] = r * np.cos(theta)  # float64, rounded once to float32
+            z[..., 2 * pair + 1] = r * np.sin(theta)
     off = start - 4 * j0
-    return flat[:, off : off + (stop - start)]
+    return out[:, off : off + (stop - start)]
 
 
 @dataclass(frozen=True)

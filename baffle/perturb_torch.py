@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .perturb import INV_2_32, MASK32, TWO_PI, Layout, _check_slice, block_range, philox4x32, split_seed
+from .perturb import INV_2_32, MASK32, TWO_PI, Layout, _check_slice, block_range, chunks, philox4x32, split_seed
 
 
 def normals(
@@ -26,9 +26,11 @@ def normals(
     _check_slice(start, stop)
     j0, j1 = block_range(start, stop)
     ks = torch.as_tensor(ks, dtype=torch.int64, device=device).reshape(-1, 1)
-    j = torch.arange(j0, j1, dtype=torch.int64, device=ks.device).reshape(1, -1)
     words = torch.tensor([*split_seed(seed), int(stream) & MASK32], dtype=torch.int64, device=ks.device)
-    flat = _normals_kernel(words, ks, j)
+    flat = torch.empty((ks.shape[0], 4 * (j1 - j0)), dtype=torch.float32, device=ks.device)
+    for a, b in chunks(ks.shape[0], j0, j1):  # bounded temporaries (see baffle.perturb.chunks)
+        j = torch.arange(a, b, dtype=torch.int64, device=ks.device).reshape(1, -1)
+        flat[:, 4 * (a - j0) : 4 * (b - j0)] = _normals_kernel(words, ks, j)
     off = start - 4 * j0
     return flat[:, off : off + (stop - start)]
 

@@ -69,6 +69,30 @@ class Setup:
 
     simulator: Simulator
     label_summary: str
+    notes: tuple[str, ...] = ()  # things the user should know before the first round
+
+
+def build_model_for(config: RunConfig, example_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """The run's initial model (seeded from the run seed) for inputs of ``example_shape``."""
+    spec = ModelSpec(config.model, in_channels=example_shape[0], num_classes=num_classes,
+                     image_size=example_shape[-1], norm=config.norm, activation=config.activation)
+    try:
+        gen = torch.Generator().manual_seed(derive_seed(config.seed, TAG_INIT) >> 1)
+        return build_model(spec, generator=gen)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def onnx_model_bytes(config: RunConfig, model: torch.nn.Module, example_shape: tuple[int, ...]) -> bytes:
+    """The ONNX model the run's edge clients load: ``onnx_model`` or a fresh export."""
+    if config.onnx_model is None:
+        from .edge.export import export_onnx
+
+        return export_onnx(model, example_shape)
+    path = Path(config.onnx_model)
+    if not path.is_file():
+        raise ConfigError(f"onnx_model {config.onnx_model!r} is not a file")
+    return path.read_bytes()
 
 
 def build(config: RunConfig) -> Setup:
@@ -80,18 +104,22 @@ def build(config: RunConfig) -> Setup:
     rng = np.random.default_rng(derive_seed(config.seed, TAG_DATA))
     parts = partition(labels, config.num_clients, config.partition, rng, alpha=config.alpha,
                       shards_per_client=config.shards_per_client, min_size=config.min_client_size)
-    spec = ModelSpec(config.model, in_channels=train.x.shape[1], num_classes=train.num_classes,
-                     image_size=train.x.shape[-1], norm=config.norm, activation=config.activation)
-    try:
-        gen = torch.Generator().manual_seed(derive_seed(config.seed, TAG_INIT) >> 1)
-        model = build_model(spec, generator=gen)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    shape = tuple(train.x.shape[1:])
+    model = build_model_for(config, shape, train.num_classes)
+    edge, notes = {}, []
+    if config.onnx_clients:
+        from .edge import OnnxClient
+
+        client = OnnxClient(onnx_model_bytes(config, model, shape), threads=1)
+        edge = {c: client for c in range(config.onnx_clients)}  # stateless: one session serves them all
+        notes.append(f"clients 0..{config.onnx_clients - 1} run ONNX Runtime + NumPy (no torch)")
+        if client.refusal:
+            notes.append(f"the ONNX clients will refuse every round: {client.refusal}")
     sim = Simulator(model, [train.subset(p) for p in parts], test, config.algorithm(), config.server_options(),
                     client_fraction=config.client_fraction, seed=config.seed,
-                    train_eval_size=config.train_eval_size, clients_per_forward=config.clients_per_forward, engine=config.engine,
-                    secure=config.secure_options())
-    return Setup(sim, label_summary(labels, parts, train.num_classes))
+                    train_eval_size=config.train_eval_size, clients_per_forward=config.clients_per_forward,
+                    engine=config.engine, secure=config.secure_options(), edge_clients=edge)
+    return Setup(sim, label_summary(labels, parts, train.num_classes), tuple(notes))
 
 
 def read_metrics(path: Path, upto: int) -> list[dict]:

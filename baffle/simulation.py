@@ -8,6 +8,12 @@ each sees only its own data, the round plan and nothing else. The round loop:
     v        = sum_c (N_c / N) upload_c                      aggregation
     W        = server.step(server_decode(v))                 optimiser (+ EMA)
 
+Clients listed in ``edge_clients`` run elsewhere than in torch (for example an
+:class:`baffle.edge.OnnxClient`, ONNX Runtime + NumPy): they get the same plan and
+batch and return their K scalars. A client that refuses a round (bad input, see
+:class:`baffle.edge.Refused`) is left out of that round's aggregate, the reason
+recorded; a round in which every client refused leaves the model unchanged.
+
 Deterministic: every random choice is derived from the run seed and the round
 (see :func:`baffle.perturb.derive_seed`), so a run restored from
 :meth:`Simulator.state_dict` continues exactly as if it had never stopped.
@@ -15,7 +21,7 @@ Deterministic: every random choice is derived from the run seed and the round
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +32,19 @@ from .data import ArrayDataset, client_sampler
 from .engine import Engine
 from .flatmodel import FlatModel
 from .aggregation.options import SecureOptions
-from .modes import TAG_EVAL, TAG_SAMPLE, TAG_SECURE, Algorithm, ClientData, RoundPlan, client_update, fedsgd_clients, round_seed, server_decode
+from .edge import Refused
+from .modes import (TAG_EVAL, TAG_SAMPLE, TAG_SECURE, Algorithm, ClientData, ClientStats, RoundPlan, Upload,
+                    client_update, fedsgd_clients, round_seed, server_decode)
 from .perturb import derive_seed
 from .server import Server, ServerOptions
+
+
+class EdgeClient(Protocol):
+    """A client outside this process's torch (e.g. :class:`baffle.edge.OnnxClient`):
+    ``probe`` returns an object with ``u`` (K,), ``loss_at_w`` and ``forward_passes``,
+    or raises :class:`baffle.edge.Refused`."""
+
+    def probe(self, weights: np.ndarray, x: np.ndarray, y: np.ndarray, plan, layout): ...
 
 
 @dataclass(frozen=True)
@@ -47,14 +63,14 @@ class RoundRecord:
     test_top5: float | None
     test_loss: float | None
     train_loss: float | None
-    client_loss: float
+    client_loss: float | None  # None when no client replied
     uplink_bytes: int
     downlink_bytes: int
     forward_passes: int
     backward_passes: int
     secure_extra_bytes: int = 0  # per surviving client: secure-aggregation uplink beyond the plain upload
-    skipped: str | None = None  # why the round left the model unchanged (secure sum failed)
-    rejected: tuple[str, ...] = ()  # "client c, phase: reason" for messages the secure sum left out
+    skipped: str | None = None  # why the round left the model unchanged (no reply, secure sum failed)
+    rejected: tuple[str, ...] = ()  # "client c, phase: reason" for clients / messages left out of the sum
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,9 +93,16 @@ class Simulator:
         clients_per_forward: int = 16,
         engine: str = "loop",
         secure: SecureOptions | None = None,
+        edge_clients: Mapping[int, EdgeClient] | None = None,
     ):
         if not clients:
             raise ValueError("need at least one client")
+        self.edge_clients = dict(edge_clients or {})
+        bad = [c for c in self.edge_clients if not 0 <= c < len(clients)]
+        if bad:
+            raise ValueError(f"edge client id {bad[0]} is not a client (0..{len(clients) - 1})")
+        if self.edge_clients and (algorithm.mode, algorithm.method) != ("fedsgd", "baffle"):
+            raise ValueError(f"edge clients run mode fedsgd with method baffle, got {algorithm.mode}/{algorithm.method}")
         self.model = FlatModel(model)
         self.engine = Engine(self.model, engine, algorithm.probe_block)
         self.secure = secure
@@ -111,27 +134,34 @@ class Simulator:
         t = self.round
         plan = RoundPlan(t, round_seed(self.seed, t), self.server.weights.clone())
         chosen = self.sampled_clients(t)
+        replies = dict(self._client_work(chosen, plan))
+        rejected = tuple(f"client {c}, probe: refused: {replies[c]}" for c in chosen if isinstance(replies[c], str))
+        ok = [c for c in chosen if not isinstance(replies[c], str)]
         uploads, losses, uplink = [], [], 0
-        for upload, stats in self._client_work(chosen, plan):
+        for c in ok:
+            upload, stats = replies[c]
             uploads.append(upload.vector)
             uplink += upload.nbytes
             losses.append(stats.train_loss)
             self.forward_passes += stats.forward_passes
             self.backward_passes += stats.backward_passes
-        weights = client_weights([len(self.clients[c]) for c in chosen])
-        extra, skipped, rejected = 0, None, ()
+        extra, skipped = 0, None
         downlink = len(chosen) * plan.nbytes
-        if self.secure is None:
+        if not ok:
+            skipped = f"no client replied ({len(chosen)} refused)"
+        elif self.secure is None:
+            weights = client_weights([len(self.clients[c]) for c in ok])
             self.server.step(server_decode(weighted_sum(uploads, weights), plan, self.algorithm))
         else:
-            result = self.secure.aggregate(chosen, uploads, weights, t, derive_seed(self.seed, TAG_SECURE, t))
+            weights = client_weights([len(self.clients[c]) for c in ok])
+            result = self.secure.aggregate(ok, uploads, weights, t, derive_seed(self.seed, TAG_SECURE, t))
             # protocol messages replace the plain upload; every sender's bytes count,
             # dropped clients' included
-            plain = uplink // len(chosen)
+            plain = uplink // len(ok)
             extra = int(round(result.bytes_per_client["survivor_uplink"])) - plain
             uplink = int(round(result.bytes_per_client["uplink_total"]))
             downlink += int(round(result.bytes_per_client["downlink_total"]))
-            rejected = tuple(f"client {r.client}, {r.phase}: {r.reason}" for r in result.rejected)
+            rejected += tuple(f"client {r.client}, {r.phase}: {r.reason}" for r in result.rejected)
             if result.ok:  # a weighted mean over the clients that survived
                 aggregate = torch.from_numpy(result.sum / result.weight).to(torch.float32)
                 self.server.step(server_decode(aggregate, plan, self.algorithm))
@@ -150,7 +180,7 @@ class Simulator:
             test_top5=ev.top5 if ev else None,
             test_loss=ev.loss if ev else None,
             train_loss=tr,
-            client_loss=float(np.mean(losses)),
+            client_loss=float(np.mean(losses)) if losses else None,
             uplink_bytes=uplink,
             downlink_bytes=downlink,
             forward_passes=self.forward_passes,
@@ -161,15 +191,33 @@ class Simulator:
         )
 
     def _client_work(self, chosen: list[int], plan: RoundPlan):
-        """Every chosen client's (Upload, ClientStats); FedSGD baffle clients are
-        evaluated ``clients_per_forward`` at a time (same results, bigger forwards)."""
+        """(client, (Upload, ClientStats) or the reason it refused) for every chosen client.
+
+        FedSGD baffle torch clients are evaluated ``clients_per_forward`` at a time
+        (same results, bigger forwards); edge clients each run on their own.
+        """
         algo, group = self.algorithm, self.clients_per_forward
+        for c in chosen:
+            if c in self.edge_clients:
+                yield c, self._edge_update(self.edge_clients[c], self.clients[c], plan)
+        local = [c for c in chosen if c not in self.edge_clients]
         if algo.mode == "fedsgd" and algo.method == "baffle" and group > 1:
-            for i in range(0, len(chosen), group):
-                yield from fedsgd_clients(self.engine, [self.clients[c] for c in chosen[i : i + group]], plan, algo)
+            for i in range(0, len(local), group):
+                part = local[i : i + group]
+                yield from zip(part, fedsgd_clients(self.engine, [self.clients[c] for c in part], plan, algo))
         else:
-            for c in chosen:
-                yield client_update(self.engine, self.clients[c], plan, algo)
+            for c in local:
+                yield c, client_update(self.engine, self.clients[c], plan, algo)
+
+    def _edge_update(self, client: EdgeClient, data: ClientData, plan: RoundPlan):
+        x, y = data.batch(plan.round, self.algorithm.batch_size)
+        try:
+            reply = client.probe(plan.weights.numpy(), x.numpy(), y.numpy(), self.algorithm.probe_plan(plan.seed),
+                                 self.model.layout)
+        except Refused as e:
+            return str(e)
+        u = torch.from_numpy(np.asarray(reply.u, dtype=np.float32))
+        return Upload(data.client, plan.round, u), ClientStats(reply.forward_passes, 0, reply.loss_at_w)
 
     def state_dict(self) -> dict:
         return {
