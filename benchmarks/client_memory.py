@@ -11,11 +11,16 @@ Kinds (one FedSGD round of client work on one batch; LeNet and WRN-10-2 at B=32,
     baffle-onnx ONNX Runtime + NumPy BAFFLE client (baffle.edge.OnnxClient), no torch imported
 
 Each child reports its resident set after importing its runtime (the baseline:
-Python, NumPy and torch or onnxruntime, plus baffle's modules), then resets the
-kernel's high-water mark (/proc/self/clear_refs) and reports the peak resident
-set (VmHWM) over the round: increment = peak - baseline. The client's weights and
+Python, NumPy and torch or onnxruntime, plus baffle's modules; for bp-ckpt also
+torch._dynamo, which checkpoint imports on first use), then resets the kernel's
+high-water mark (/proc/self/clear_refs) and reports the peak resident set (VmHWM)
+over the round: increment = peak - baseline. This first round pays the runtime's
+lazy initialisation (oneDNN kernels and scratch space on the first convolution,
+ONNX Runtime's session); a second round is then measured the same way above the
+resident set before it ("warm round": the working memory of the algorithm itself). The client's weights and
 batch are read from .npy files (its local dataset is not counted). One thread
-everywhere (a weak device), MALLOC_ARENA_MAX=1.
+everywhere (a weak device); glibc tuned for a small footprint in every child alike
+(MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=131072: see CHILD_ENV).
 
 Memory caps: the smallest RLIMIT_AS (address-space limit, enforced by the kernel;
 cgroups are read-only on this machine) under which each kind finishes its round,
@@ -41,6 +46,12 @@ KINDS = ("bp", "bp-ckpt", "baffle", "baffle-onnx")
 MODELS = {"lenet": "none", "wrn-10-2": "group"}  # the Table 1 presets' norms
 BATCHES = (32, 64)
 K, SIGMA = 100, 1e-4
+# glibc: one arena, and a fixed mmap threshold (setting it turns off the dynamic one, which
+# otherwise moves ~1 MiB buffers onto the heap after their first free, where interleaved
+# allocations fragment it: the ONNX client on WRN then peaked anywhere from 104 to 221 MiB
+# over five identical runs; with the fixed threshold, 86 MiB every time)
+CHILD_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+PROBE_BLOCK = 8  # directions held at once by the torch BAFFLE client (the library default)
 PAPER = "the paper (Feng et al. 2023, Table 4): a BAFFLE client needs about 10% of backpropagation's memory"
 
 
@@ -72,6 +83,8 @@ def child(kind: str, model: str, work: Path) -> dict:
         from baffle.flatmodel import FlatModel
         from baffle.models import ModelSpec, build_model
 
+        if kind == "bp-ckpt":
+            import torch._dynamo  # noqa: F401  (checkpoint(use_reentrant=False) imports it on first use)
         torch.set_num_threads(1)
     baseline = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
@@ -82,41 +95,51 @@ def child(kind: str, model: str, work: Path) -> dict:
     plan = ProbePlan(12345, K, SIGMA)
     if kind == "baffle-onnx":
         client = OnnxClient(work / "model.onnx", threads=1)
-        reply = client.probe(w, x, y, plan)
-        check = float(reply.u[0])
+
+        def round_of_work() -> float:
+            return float(client.probe(w, x, y, plan).u[0])
     else:
         net = build_model(ModelSpec(model, norm=MODELS[model]))
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        xt, yt, wt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(w)
         if kind == "baffle":
             flat = FlatModel(net)
-            flat.load(torch.from_numpy(w))
-            engine = Engine(flat, "loop", block=8)
+            engine = Engine(flat, "loop", block=PROBE_BLOCK)
             seg = torch.zeros(len(yt), dtype=torch.int64)
-            r = probe_blocks(lambda v: engine.losses(v, xt, yt, seg, 1),
-                             lambda v, z, s: engine.perturbed_losses(v, z, s, xt, yt, seg, 1),
-                             torch.from_numpy(w), plan, 8)
-            check = float(r.u[0, 0])
-        else:
-            with torch.no_grad():
-                torch.nn.utils.vector_to_parameters(torch.from_numpy(w), net.parameters())
-            if kind == "bp-ckpt":
-                stages = _stages(net)
 
-                def forward(inp):
-                    for stage in stages[:-1]:
-                        inp = checkpoint(stage, inp, use_reentrant=False)
-                    return stages[-1](inp)
-            else:
-                forward = net
-            loss = F.cross_entropy(forward(xt), yt)
-            loss.backward()
-            with torch.no_grad():  # plain SGD by hand: torch.optim's first step imports torch._dynamo (~70 MiB)
-                for param in net.parameters():
-                    param.sub_(param.grad, alpha=0.01)
-            check = float(loss)
+            def round_of_work() -> float:
+                r = probe_blocks(lambda v: engine.losses(v, xt, yt, seg, 1),
+                                 lambda v, z, s: engine.perturbed_losses(v, z, s, xt, yt, seg, 1),
+                                 wt, plan, PROBE_BLOCK)
+                return float(r.u[0, 0])
+        else:
+            stages = _stages(net)
+
+            def forward(inp):
+                if kind == "bp":
+                    return net(inp)
+                for stage in stages[:-1]:
+                    inp = checkpoint(stage, inp, use_reentrant=False)
+                return stages[-1](inp)
+
+            def round_of_work() -> float:
+                with torch.no_grad():
+                    torch.nn.utils.vector_to_parameters(wt, net.parameters())
+                net.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(forward(xt), yt)
+                loss.backward()
+                with torch.no_grad():  # plain SGD by hand: torch.optim's first step imports torch._dynamo
+                    for param in net.parameters():
+                        param.sub_(param.grad, alpha=0.01)
+                return float(loss)
+    check = round_of_work()
+    peak, seconds = status("VmHWM"), time.perf_counter() - t0
+    before = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    round_of_work()
+    warm = status("VmHWM") - before
     return {"kind": kind, "model": model, "batch": int(len(y)), "baseline_mb": round(baseline, 1),
-            "peak_mb": round(status("VmHWM"), 1), "vm_peak_mb": round(status("VmPeak"), 1),
-            "seconds": round(time.perf_counter() - t0, 3), "check": check}
+            "peak_mb": round(peak, 1), "warm_round_mb": round(warm, 1), "vm_peak_mb": round(status("VmPeak"), 1),
+            "seconds": round(seconds, 3), "check": check}
 
 
 def _stages(net):
@@ -152,7 +175,7 @@ def prepare(model: str, batch: int, root: Path) -> Path:
 
 
 def spawn(kind: str, model: str, work: Path, limit_mb: float | None = None) -> dict | None:
-    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CHILD_ENV}
 
     def cap():
         if limit_mb is not None:
@@ -169,7 +192,9 @@ def spawn(kind: str, model: str, work: Path, limit_mb: float | None = None) -> d
 
 
 def smallest_limit(kind: str, model: str, work: Path, hi: float) -> float:
-    """Smallest RLIMIT_AS (MiB, to 4 MiB) under which the round finishes; hi must pass."""
+    """Smallest RLIMIT_AS (MiB, to 4 MiB) under which the round finishes."""
+    while spawn(kind, model, work, hi) is None:
+        hi *= 1.5
     lo = 64.0
     while hi - lo > 4:
         mid = (lo + hi) / 2
@@ -202,7 +227,8 @@ def main() -> None:
                     rows.append(r)
                     print(f"{model:9s} B={batch:<3d} {kind:12s} baseline {r['baseline_mb']:7.1f}  peak "
                           f"{r['peak_mb']:7.1f}  increment {r['increment_mb']:6.1f} MiB "
-                          f"({100 * r['increment_vs_bp']:.0f}% of bp)", flush=True)
+                          f"({100 * r['increment_vs_bp']:.0f}% of bp)  warm round {r['warm_round_mb']:6.1f}",
+                          flush=True)
                 if not args.no_caps and batch == 64:
                     for kind, r in group.items():
                         limit = smallest_limit(kind, model, work, r["vm_peak_mb"] + 64)
@@ -218,11 +244,11 @@ def main() -> None:
 
 def render(rows: list[dict], caps: list[dict]) -> str:
     lines = [f"Client memory, one FedSGD round (K={K} for BAFFLE), 1 thread, MiB (resident).",
-             "| model | B | client | runtime baseline | peak | increment | increment / bp's |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | B | client | runtime baseline | peak | increment | increment / bp's | warm round |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['kind']} | {r['baseline_mb']:.1f} | {r['peak_mb']:.1f} | "
-                     f"{r['increment_mb']:.1f} | {100 * r['increment_vs_bp']:.0f}% |")
+                     f"{r['increment_mb']:.1f} | {100 * r['increment_vs_bp']:.0f}% | {r['warm_round_mb']:.1f} |")
     lines.append(f"Beside {PAPER}.")
     if caps:
         lines += ["", "Smallest address-space limit (RLIMIT_AS) under which the round finishes, MiB:",
