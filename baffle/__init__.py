@@ -30,6 +30,7 @@ _EXPORTS = {
     "PARTITIONERS": "data",
     "RunConfig": "config", "resolve": "config",
     "execute": "runs",
+    "OnnxClient": "edge", "Refused": "edge",
 }
 __all__ = sorted(_EXPORTS)
 

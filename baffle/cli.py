@@ -66,6 +66,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     for name in RunConfig.optional_fields():
         if overrides.get(name) == "":
             overrides[name] = None
+    if overrides.get("onnx_model"):  # stored absolute, so that --resume finds it from anywhere
+        overrides["onnx_model"] = str(Path(overrides["onnx_model"]).absolute())
     return overrides
 
 

@@ -19,7 +19,8 @@ def plot_curves(metrics: list[dict], title: str) -> bytes:
     acc.legend()
     loss.plot([m["round"] for m in ev], [m["test_loss"] for m in ev], marker=".", label="test loss")
     loss.plot([m["round"] for m in ev], [m["train_loss"] for m in ev], marker=".", label="train loss")
-    loss.plot([m["round"] for m in metrics], [float("nan") if m["client_loss"] is None else m["client_loss"] for m in metrics], alpha=0.5, label="client batch loss")
+    client = [float("nan") if m["client_loss"] is None else m["client_loss"] for m in metrics]  # None: no replies
+    loss.plot([m["round"] for m in metrics], client, alpha=0.5, label="client batch loss")
     loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
     loss.grid(alpha=0.3)
     loss.legend()

@@ -86,9 +86,13 @@ def build_model_for(config: RunConfig, example_shape: tuple[int, ...], num_class
 def onnx_model_bytes(config: RunConfig, model: torch.nn.Module, example_shape: tuple[int, ...]) -> bytes:
     """The ONNX model the run's edge clients load: ``onnx_model`` or a fresh export."""
     if config.onnx_model is None:
-        from .edge.export import export_onnx
+        try:
+            from .edge.export import export_onnx
 
-        return export_onnx(model, example_shape)
+            return export_onnx(model, example_shape)
+        except Exception as e:  # missing onnx/onnxscript, or a model the exporter cannot trace
+            raise ConfigError(f"cannot export the model to ONNX for the onnx clients ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
     path = Path(config.onnx_model)
     if not path.is_file():
         raise ConfigError(f"onnx_model {config.onnx_model!r} is not a file")
@@ -110,7 +114,13 @@ def build(config: RunConfig) -> Setup:
     if config.onnx_clients:
         from .edge import OnnxClient
 
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ConfigError("onnx_clients need onnxruntime (pip install 'baffle[onnx]')") from None
         client = OnnxClient(onnx_model_bytes(config, model, shape), threads=1)
+        if client.refusal and config.onnx_clients == config.num_clients:
+            raise ConfigError(f"every client is an ONNX client and would refuse every round: {client.refusal}")
         edge = {c: client for c in range(config.onnx_clients)}  # stateless: one session serves them all
         notes.append(f"clients 0..{config.onnx_clients - 1} run ONNX Runtime + NumPy (no torch)")
         if client.refusal:

@@ -20,6 +20,7 @@ Deterministic: every random choice is derived from the run seed and the round
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Mapping, Protocol, Sequence
 
@@ -147,14 +148,19 @@ class Simulator:
             self.backward_passes += stats.backward_passes
         extra, skipped = 0, None
         downlink = len(chosen) * plan.nbytes
+        weights = client_weights([len(self.clients[c]) for c in ok]) if ok else None
+        need = self.secure.config(len(chosen)).threshold if self.secure is not None else 1
         if not ok:
             skipped = f"no client replied ({len(chosen)} refused)"
+        elif len(ok) < max(2, need) and self.secure is not None:
+            # the threshold belongs to the round's chosen clients: refusals must not lower it
+            skipped = (f"{len(ok)} of {len(chosen)} clients replied, fewer than the secure-aggregation "
+                       f"threshold {max(2, need)}")
         elif self.secure is None:
-            weights = client_weights([len(self.clients[c]) for c in ok])
             self.server.step(server_decode(weighted_sum(uploads, weights), plan, self.algorithm))
         else:
-            weights = client_weights([len(self.clients[c]) for c in ok])
-            result = self.secure.aggregate(ok, uploads, weights, t, derive_seed(self.seed, TAG_SECURE, t))
+            secure = dataclasses.replace(self.secure, threshold=need)
+            result = secure.aggregate(ok, uploads, weights, t, derive_seed(self.seed, TAG_SECURE, t))
             # protocol messages replace the plain upload; every sender's bytes count,
             # dropped clients' included
             plain = uplink // len(ok)
@@ -211,13 +217,18 @@ class Simulator:
 
     def _edge_update(self, client: EdgeClient, data: ClientData, plan: RoundPlan):
         x, y = data.batch(plan.round, self.algorithm.batch_size)
+        weights = plan.weights.numpy().view()
+        weights.flags.writeable = False  # the torch clients probe the same tensor afterwards
+        probe = self.algorithm.probe_plan(plan.seed)
         try:
-            reply = client.probe(plan.weights.numpy(), x.numpy(), y.numpy(), self.algorithm.probe_plan(plan.seed),
-                                 self.model.layout)
+            reply = client.probe(weights, x.numpy(), y.numpy(), probe, self.model.layout)
         except Refused as e:
             return str(e)
-        u = torch.from_numpy(np.asarray(reply.u, dtype=np.float32))
-        return Upload(data.client, plan.round, u), ClientStats(reply.forward_passes, 0, reply.loss_at_w)
+        u = np.asarray(reply.u)
+        if u.shape != (probe.num_perturbations,) or not np.isfinite(u).all():
+            return f"malformed reply: u of shape {u.shape} (expected ({probe.num_perturbations},)), finite: {np.isfinite(u).all()}"
+        upload = Upload(data.client, plan.round, torch.from_numpy(u.astype(np.float32)))
+        return upload, ClientStats(int(reply.forward_passes), 0, float(reply.loss_at_w))
 
     def state_dict(self) -> dict:
         return {

@@ -15,6 +15,10 @@ from the float32 logits). W + s z_k is rounded once to float32, as torch's fused
 ``add(W, z, alpha=s)`` does. Memory: W, one perturbed copy, one direction and
 one float64 buffer of n, plus the runtime's activations for one batch.
 
+On a memory-tight device, also fix glibc's mmap threshold before the process starts
+(MALLOC_MMAP_THRESHOLD_=131072, MALLOC_ARENA_MAX=1): with the dynamic threshold the
+per-direction buffers land on the heap and fragment it (benchmarks/client_memory.py).
+
 Bad input never crashes the client: it raises :class:`Refused` naming the reason
 (a model file that is not ONNX, a graph whose inputs do not match the weights,
 a seed or K out of range, a malformed batch, a non-finite loss), and the server
@@ -170,6 +174,8 @@ class OnnxClient:
         if w.dtype != np.float32 or w.shape != (self.n,):
             raise Refused(f"weights of dtype {w.dtype} and shape {w.shape} do not match the model input "
                           f"{INPUT_W!r} (float32, ({self.n},))")
+        if layout is not None and not isinstance(layout, Layout):
+            raise Refused(f"layout must be a baffle.perturb.Layout, got {type(layout).__name__}")
         if layout is not None and self.layout is not None and layout != self.layout:
             mine, theirs = list(self.layout.entries), list(layout.entries)
             i = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a[:2] != b[:2]), min(len(mine), len(theirs)))
@@ -179,7 +185,7 @@ class OnnxClient:
                           f"on the server, {want} in the model")
         if not np.isfinite(w).all():
             raise Refused("weights contain NaN or inf")
-        return w
+        return np.ascontiguousarray(w)
 
     def _check_batch(self, x, y) -> tuple[np.ndarray, np.ndarray]:
         x, y = np.asarray(x), np.asarray(y)
@@ -189,8 +195,8 @@ class OnnxClient:
                           f"{INPUT_X!r} (float32, (B>=1, {', '.join(map(str, self.example_shape))}))")
         if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
             raise Refused(f"labels y of dtype {y.dtype} and shape {y.shape} do not match the batch of {len(x)}")
-        if self.num_classes is not None and (y.min() < 0 or y.max() >= self.num_classes):
-            raise Refused(f"labels must be in [0, {self.num_classes}), got range [{y.min()}, {y.max()}]")
+        if y.min() < 0 or (self.num_classes is not None and y.max() >= self.num_classes):
+            raise Refused(f"labels must be in [0, {self.num_classes or 'classes'}), got range [{y.min()}, {y.max()}]")
         return np.ascontiguousarray(x), y.astype(np.int64)
 
     def _loss(self, w: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
@@ -199,6 +205,8 @@ class OnnxClient:
             logits = self.session.run([OUTPUT], {INPUT_X: x, INPUT_W: w})[0].astype(np.float64)
         except Exception as e:  # an onnxruntime failure on this input: refuse, do not crash
             raise Refused(f"the model failed on this batch ({_first_line(e)})") from None
+        if logits.ndim != 2 or y.max() >= logits.shape[1]:
+            raise Refused(f"labels up to {y.max()} do not fit logits of shape {logits.shape}")
         top = logits.max(axis=1)
         lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
         loss = float(np.mean(lse - logits[np.arange(len(y)), y]))
