@@ -1,4 +1,4 @@
-"""The ``baffle`` command: ``baffle run``, ``baffle export-onnx``, ``baffle presets``.
+"""The ``baffle`` command: ``baffle run``, ``baffle export-onnx``, ``baffle report``, ``baffle presets``.
 
 The only layer that talks to the user: progress bar, summaries, one-line errors
 (exit code 2 for bad input, 130 for Ctrl-C, with the command that resumes).
@@ -40,6 +40,12 @@ def make_parser() -> argparse.ArgumentParser:
     _preset_options(export)
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     _run_options(export)
+    report = sub.add_parser("report", help="turn run directories into a markdown report with plots",
+                            description="Write OUT/README.md (our accuracy beside the paper's, forward passes to "
+                                        "reach its MNIST LeNet accuracies) and PNG plots; keep each run's small "
+                                        "files under OUT/runs/ so the report can be rebuilt without re-running.")
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, required=True, help="report directory (e.g. docs/results)")
     sub.add_parser("presets", help="list the presets")
     return p
 
@@ -170,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_presets()
         if args.command == "export-onnx":
             return cmd_export_onnx(args)
+        if args.command == "report":
+            from .report import build_report
+
+            print(f"wrote {build_report(args.runs, args.out)}")
+            return 0
         return cmd_run(args)
     except (ConfigError, DataError) as e:
         print(f"baffle: error: {e}", file=sys.stderr)

@@ -1,0 +1,56 @@
+"""`baffle report`: tables beside the paper's values, partial runs, rebuild from the kept files."""
+import json
+import shutil
+
+from baffle.paper import PAPER
+from baffle.report import first_reaching, load_run
+from test_cli import SMALL, baffle
+
+
+def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
+    done = tmp_path / "table1-lenet-mnist-k100"
+    baffle("run", *SMALL, "--rounds", "4", "--out", done)
+    # pretend this tiny run is the paper preset, so its row gets the paper's cell
+    config = json.loads((done / "config.json").read_text())
+    config["preset"], config["dataset"] = "table1-lenet-mnist-k100", "mnist"
+    (done / "config.json").write_text(json.dumps(config))
+    partial = tmp_path / "partial"
+    shutil.copytree(done, partial)
+    (partial / "summary.json").unlink()
+    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    out = tmp_path / "report"
+    res = baffle("report", done, partial, "--out", out)
+    assert f"wrote {out / 'README.md'}" in res.stdout
+    text = (out / "README.md").read_text()
+    final = json.loads(lines[-1])["test_top1"]
+    cell = PAPER["table1-lenet-mnist-k100"]
+    rows = [line for line in text.splitlines() if line.startswith("| table1-lenet-mnist-k100 |")]
+    assert len(rows) == 2  # the accuracy table and the forward-passes-to-reach table
+    row, reach = rows
+    expected = [first_reaching(load_run(done), t) for t in (87.27, 89.48, 92.18)]
+    assert reach.count("not reached in 4 rounds") == sum(m is None for m in expected)
+    assert "| 4/4 |" in row and f"{100 * final:.2f}%" in row
+    assert f"{cell.top1:.2f}% (Table 1, LeNet MNIST, K=100)" in row and f"{100 * final - cell.top1:+.2f} |" in row
+    row = next(line for line in text.splitlines() if line.startswith("| partial |"))
+    assert "2/4 (partial)" in row and "(partial) |" in row
+    for png in ("accuracy_rounds.png", "accuracy_forward_passes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    kept = out / "runs"
+    assert sorted(p.name for p in (kept / "partial").iterdir()) == ["config.json", "metrics.jsonl"]
+    assert (kept / "table1-lenet-mnist-k100" / "summary.json").is_file()
+    # rebuilt from the kept copies alone: the same report
+    baffle("report", kept / done.name, kept / "partial", "--out", out)
+    assert (out / "README.md").read_text() == text
+
+
+def test_first_reaching_and_bad_input(tmp_path):
+    run = tmp_path / "run"
+    baffle("run", *SMALL, "--rounds", "2", "--eval-every", "1", "--out", run)
+    r = load_run(run)
+    top = max(m["test_top1"] for m in r.metrics)
+    assert first_reaching(r, 100 * top)["test_top1"] == top
+    assert first_reaching(r, 100 * top + 0.01) is None
+    out = baffle("report", tmp_path, "--out", tmp_path / "rep", check=False)
+    assert out.returncode == 2 and f"{tmp_path} is not a run directory: no config.json" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()
