@@ -120,8 +120,9 @@ def render(runs: list[Run]) -> str:
         diff = "-"
         if cell and final is not None:
             diff = f"{100 * final - cell.top1:+.2f}" + ("" if run.finished else " (partial)")
-        setting = (f"{c.get('model')} {c.get('dataset')}, {c.get('method')} {c.get('mode')}, "
-                   f"K={c.get('num_perturbations')}, {c.get('num_clients')} {c.get('partition')} clients")
+        k = f"K={c.get('num_perturbations')}, " if c.get("method") == "baffle" else ""
+        setting = (f"{c.get('model')} {c.get('dataset')}, {c.get('method')} {c.get('mode')}, {k}"
+                   f"{c.get('num_clients')} {c.get('partition')} clients")
         done = f"{run.rounds}/{c.get('rounds')}" + ("" if run.finished else " (partial)")
         lines.append(f"| {run.name} | {setting} | {done} | {_pct(final)} | {_pct(best)} | {paper} | {diff} | "
                      f"{last.get('forward_passes', 0):.3g} | {last.get('wall_seconds', 0) / 3600:.2f} h |")
@@ -134,7 +135,7 @@ def render(runs: list[Run]) -> str:
         cells = []
         for t in LENET_MNIST_TARGETS:
             m = first_reaching(run, t)
-            cells.append(f"{m['forward_passes']:.3g} passes, round {m['round']}, {m['wall_seconds'] / 60:.0f} min"
+            cells.append(f"{m['forward_passes']:.3g} passes, round {m['round']}, {m['wall_seconds'] / 60:.1f} min"
                          if m else f"not reached in {run.rounds} rounds")
         lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
     lines += ["", "## Plots", "", "![test accuracy against rounds](accuracy_rounds.png)", "",
