@@ -114,13 +114,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.out is not None:
             raise ConfigError("--out cannot be combined with --resume (the run continues in its own directory)")
         stored = runs.check_resumable(args.resume, None)
+        # --threads is a resource of this process, not part of the experiment: a resume may change it
+        threads = resolve(stored.preset, {"threads": overrides.pop("threads")}).threads \
+            if "threads" in overrides else stored.threads
         if args.preset or overrides:  # a resume that restates its config must restate it exactly
-            runs.check_resumable(args.resume, resolve(args.preset or stored.preset, overrides))
+            runs.check_resumable(args.resume, resolve(args.preset or stored.preset, overrides | {"threads": stored.threads}))
         config, out = stored, args.resume
     else:
         config = resolve(args.preset or DEFAULT_PRESET, overrides)
         out = runs.new_run_dir(config, args.out)
-    torch.set_num_threads(config.threads)
+        threads = config.threads
+    torch.set_num_threads(threads)
     setup = runs.build(config)
     return _train(args, config, out, setup)
 

@@ -136,6 +136,12 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
     out = baffle("run", "--resume", run, *SMALL, "--rounds", "2", "--sigma", "0.001", check=False)
     assert out.returncode == 2 and "sigma" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert (run / "metrics.jsonl").read_text() == before
+    # --threads is this process's resource, not the experiment's: a resume may change it
+    stored = (run / "config.json").read_text()
+    baffle("run", "--resume", run, "--threads", "1")
+    assert (run / "config.json").read_text() == stored and (run / "metrics.jsonl").read_text() == before
+    out = baffle("run", "--resume", run, "--threads", "0", check=False)
+    assert out.returncode == 2 and "threads" in out.stderr
     out = baffle("run", "--resume", tmp_path / "missing", check=False)
     assert out.returncode == 2 and "config.json" in out.stderr
     out = baffle("run", *SMALL, "--out", run, check=False)  # not over an existing run
