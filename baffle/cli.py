@@ -155,7 +155,12 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
         bar.update(1)
 
     try:
-        summary = runs.execute(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
+        if config.engine == "flower":
+            from .flower.simulate import run as run_on_flower
+
+            summary = run_on_flower(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
+        else:
+            summary = runs.execute(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
     except KeyboardInterrupt:
         bar.close()
         print(f"baffle: interrupted; continue with: baffle run --resume {out}", file=err)

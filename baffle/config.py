@@ -67,7 +67,10 @@ class RunConfig:
     threads: int = 2
     probe_block: int = 8
     clients_per_forward: int = 16
-    engine: str = "loop"
+    engine: str = "loop"  # "loop" or "compiled" (in process), or "flower": Flower simulation, clients on "loop"
+    # faults: a round updates the model only if at least min_replies chosen clients replied
+    min_replies: int = 1
+    reply_timeout: float = 600.0  # Flower: seconds the server waits for a round's replies
     # secure aggregation (baffle.aggregation.options.SecureOptions)
     secure_aggregation: bool = False
     secagg_fraction_bits: int = 24
@@ -94,6 +97,10 @@ class RunConfig:
             return None
         return SecureOptions(self.secagg_fraction_bits, self.secagg_clip, self.secagg_threshold, self.secagg_dropout)
 
+    def compute_engine(self) -> str:
+        """How each process evaluates forward passes (Flower clients use the eager loop)."""
+        return "loop" if self.engine == "flower" else self.engine
+
     def clients_per_round(self) -> int:
         return max(1, round(self.client_fraction * self.num_clients))
 
@@ -111,19 +118,27 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(f"secure aggregation: {e}") from None
         for name in ("num_clients", "rounds", "eval_every", "threads", "shards_per_client", "min_client_size",
-                     "train_eval_size", "clients_per_forward"):
+                     "train_eval_size", "clients_per_forward", "min_replies"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if not 0 < self.client_fraction <= 1:
             raise ConfigError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
+        if self.engine not in ENGINES + ("flower",):
+            raise ConfigError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)}, flower)")
+        if self.min_replies > self.clients_per_round():
+            raise ConfigError(f"min_replies must be <= the clients of a round ({self.clients_per_round()}), "
+                              f"got {self.min_replies}")
+        if not (math.isfinite(self.reply_timeout) and self.reply_timeout > 0):
+            raise ConfigError(f"reply_timeout must be > 0 seconds, got {self.reply_timeout}")
         if self.partition not in PARTITIONERS:
             raise ConfigError(f"unknown partition {self.partition!r} (choose from {', '.join(PARTITIONERS)})")
         if not 0 <= self.onnx_clients <= self.num_clients:
             raise ConfigError(f"onnx_clients must be in [0, num_clients = {self.num_clients}], got {self.onnx_clients}")
+        if self.onnx_clients and self.engine == "flower":
+            raise ConfigError(f"onnx_clients run in the simulator's process, not on Flower nodes; "
+                              f"with engine flower use onnx_clients 0, got {self.onnx_clients}")
         if self.onnx_clients and (self.mode, self.method) != ("fedsgd", "baffle"):
             raise ConfigError(f"onnx_clients need mode fedsgd with method baffle, got {self.mode}/{self.method}")
         if not 0 <= self.seed < 2**63:

@@ -99,15 +99,24 @@ def onnx_model_bytes(config: RunConfig, model: torch.nn.Module, example_shape: t
     return path.read_bytes()
 
 
-def build(config: RunConfig) -> Setup:
-    """Data, partition, model and simulator for ``config`` (raises DataError/ConfigError)."""
+def client_partitions(config: RunConfig):
+    """(train, test, parts): the dataset and each client's example indices, seeded by the run.
+
+    The server and every client (in process or on a Flower node) call this with the
+    same config and get the same partition."""
     train, test = load_dataset(config.dataset, config.data_root, seed=config.seed)
     if config.num_clients > len(train):
         raise ConfigError(f"more clients ({config.num_clients}) than training examples ({len(train)})")
-    labels = train.y.numpy()
     rng = np.random.default_rng(derive_seed(config.seed, TAG_DATA))
-    parts = partition(labels, config.num_clients, config.partition, rng, alpha=config.alpha,
+    parts = partition(train.y.numpy(), config.num_clients, config.partition, rng, alpha=config.alpha,
                       shards_per_client=config.shards_per_client, min_size=config.min_client_size)
+    return train, test, parts
+
+
+def build(config: RunConfig) -> Setup:
+    """Data, partition, model and simulator for ``config`` (raises DataError/ConfigError)."""
+    train, test, parts = client_partitions(config)
+    labels = train.y.numpy()
     shape = tuple(train.x.shape[1:])
     model = build_model_for(config, shape, train.num_classes)
     edge, notes = {}, []
@@ -128,7 +137,8 @@ def build(config: RunConfig) -> Setup:
     sim = Simulator(model, [train.subset(p) for p in parts], test, config.algorithm(), config.server_options(),
                     client_fraction=config.client_fraction, seed=config.seed,
                     train_eval_size=config.train_eval_size, clients_per_forward=config.clients_per_forward,
-                    engine=config.engine, secure=config.secure_options(), edge_clients=edge)
+                    engine=config.compute_engine(), secure=config.secure_options(), edge_clients=edge,
+                    min_replies=config.min_replies)
     return Setup(sim, label_summary(labels, parts, train.num_classes), tuple(notes))
 
 

@@ -12,7 +12,11 @@ Clients listed in ``edge_clients`` run elsewhere than in torch (for example an
 :class:`baffle.edge.OnnxClient`, ONNX Runtime + NumPy): they get the same plan and
 batch and return their K scalars. A client that refuses a round (bad input, see
 :class:`baffle.edge.Refused`) is left out of that round's aggregate, the reason
-recorded; a round in which every client refused leaves the model unchanged.
+recorded. Clients may also live in other processes or machines: ``remote`` (for
+example :class:`baffle.flower.server_app.FlowerClients`) carries the same plan to
+them and brings back their uploads or the reason they are missing (a crash, a
+timeout, a malformed reply). A round in which fewer than ``min_replies`` chosen
+clients replied leaves the model unchanged (``skipped`` says why).
 
 Deterministic: every random choice is derived from the run seed and the round
 (see :func:`baffle.perturb.derive_seed`), so a run restored from
@@ -46,6 +50,17 @@ class EdgeClient(Protocol):
     or raises :class:`baffle.edge.Refused`."""
 
     def probe(self, weights: np.ndarray, x: np.ndarray, y: np.ndarray, plan, layout): ...
+
+
+Reply = "tuple[Upload, ClientStats] | str"  # a client's upload and accounting, or why it is left out
+
+
+class RemoteClients(Protocol):
+    """Clients outside this process: run ``plan`` on each chosen client and yield
+    ``(client, (Upload, ClientStats))`` or ``(client, reason)`` for every one of them.
+    ``sizes`` are the examples each client is expected to hold (its aggregation weight)."""
+
+    def work(self, chosen: list[int], plan: RoundPlan, sizes: Mapping[int, int]): ...
 
 
 @dataclass(frozen=True)
@@ -95,9 +110,17 @@ class Simulator:
         engine: str = "loop",
         secure: SecureOptions | None = None,
         edge_clients: Mapping[int, EdgeClient] | None = None,
+        remote: RemoteClients | None = None,
+        min_replies: int = 1,
     ):
         if not clients:
             raise ValueError("need at least one client")
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
+        if remote is not None and edge_clients:
+            raise ValueError("edge clients run in this process; with remote clients give them to the remote side")
+        self.remote = remote
+        self.min_replies = min_replies
         self.edge_clients = dict(edge_clients or {})
         bad = [c for c in self.edge_clients if not 0 <= c < len(clients)]
         if bad:
@@ -126,6 +149,12 @@ class Simulator:
     def n(self) -> int:
         return self.model.n
 
+    def use_remote(self, remote: RemoteClients) -> None:
+        """From now on the clients run elsewhere (e.g. on Flower nodes): ``remote`` reaches them."""
+        if self.edge_clients:
+            raise ValueError("edge clients run in this process; with remote clients give them to the remote side")
+        self.remote = remote
+
     def sampled_clients(self, t: int) -> list[int]:
         rng = np.random.default_rng(derive_seed(self.seed, TAG_SAMPLE, t))
         return client_sampler(len(self.clients), self.client_fraction, rng).tolist()
@@ -136,7 +165,7 @@ class Simulator:
         plan = RoundPlan(t, round_seed(self.seed, t), self.server.weights.clone())
         chosen = self.sampled_clients(t)
         replies = dict(self._client_work(chosen, plan))
-        rejected = tuple(f"client {c}, probe: refused: {replies[c]}" for c in chosen if isinstance(replies[c], str))
+        rejected = tuple(f"client {c}, {replies[c]}" for c in chosen if isinstance(replies[c], str))
         ok = [c for c in chosen if not isinstance(replies[c], str)]
         uploads, losses, uplink = [], [], 0
         for c in ok:
@@ -151,7 +180,9 @@ class Simulator:
         weights = client_weights([len(self.clients[c]) for c in ok]) if ok else None
         need = self.secure.config(len(chosen)).threshold if self.secure is not None else 1
         if not ok:
-            skipped = f"no client replied ({len(chosen)} refused)"
+            skipped = f"no client replied ({len(chosen)} left out)"
+        elif len(ok) < self.min_replies:
+            skipped = f"{len(ok)} of {len(chosen)} clients replied, fewer than min_replies {self.min_replies}"
         elif len(ok) < max(2, need) and self.secure is not None:
             # the threshold belongs to the round's chosen clients: refusals must not lower it
             skipped = (f"{len(ok)} of {len(chosen)} clients replied, fewer than the secure-aggregation "
@@ -203,6 +234,9 @@ class Simulator:
         (same results, bigger forwards); edge clients each run on their own.
         """
         algo, group = self.algorithm, self.clients_per_forward
+        if self.remote is not None:
+            yield from self.remote.work(chosen, plan, {c: len(self.clients[c]) for c in chosen})
+            return
         for c in chosen:
             if c in self.edge_clients:
                 yield c, self._edge_update(self.edge_clients[c], self.clients[c], plan)
@@ -223,10 +257,11 @@ class Simulator:
         try:
             reply = client.probe(weights, x.numpy(), y.numpy(), probe, self.model.layout)
         except Refused as e:
-            return str(e)
+            return f"probe: refused: {e}"
         u = np.asarray(reply.u)
         if u.shape != (probe.num_perturbations,) or not np.isfinite(u).all():
-            return f"malformed reply: u of shape {u.shape} (expected ({probe.num_perturbations},)), finite: {np.isfinite(u).all()}"
+            return (f"probe: refused: malformed reply: u of shape {u.shape} (expected ({probe.num_perturbations},)), "
+                    f"finite: {np.isfinite(u).all()}")
         upload = Upload(data.client, plan.round, torch.from_numpy(u.astype(np.float32)))
         return upload, ClientStats(int(reply.forward_passes), 0, float(reply.loss_at_w))
 

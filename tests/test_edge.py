@@ -232,7 +232,7 @@ def test_refusing_clients_are_left_out_and_a_round_without_replies_changes_nothi
     everyone = make_sim(synth, dict.fromkeys(range(4), refuser))
     before = everyone.server.weights.clone()
     record = everyone.step(evaluate=True)
-    assert record.skipped == "no client replied (4 refused)" and len(record.rejected) == 4
+    assert record.skipped == "no client replied (4 left out)" and len(record.rejected) == 4
     assert torch.equal(everyone.server.weights, before) and record.client_loss is None
     assert record.test_top1 is not None  # the unchanged model is still evaluated
 

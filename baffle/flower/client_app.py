@@ -1,0 +1,75 @@
+"""The baffle ClientApp: a Flower node runs one client's half of a round.
+
+Node config (``flower-supernode --node-config``; the simulation sets the first two):
+    partition-id     which client of the run this node is (0 .. num-partitions - 1)
+    num-partitions   must equal the run's num_clients
+    threads          torch threads for this node's forward passes (default 1)
+
+On "train" the node rebuilds the run's partition from the config in the plan (the
+same seeded split as the server and the in-process simulator), takes its own part,
+and calls :func:`baffle.modes.client_update`: for BAFFLE, forward passes only, K
+scalars back in FedSGD. Anything that goes wrong raises, and Flower returns the
+error to the server, which leaves this client out of the round and logs why.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from ..config import RunConfig
+from ..engine import Engine
+from ..flatmodel import FlatModel
+from ..modes import ClientData, client_update
+from .task import decode_plan, encode_identity, encode_reply
+
+app = ClientApp()
+
+# what a node keeps between rounds of one run: its data and its model/engine (one run at a time)
+_STATE: dict[str, tuple[ClientData, Engine]] = {}
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    cfg = context.node_config
+    try:
+        pid, parts = int(cfg["partition-id"]), int(cfg["num-partitions"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"node config needs integer partition-id and num-partitions, got {dict(cfg)}") from None
+    if not 0 <= pid < parts:
+        raise ValueError(f"partition-id {pid} is not in [0, num-partitions = {parts})")
+    return pid, parts
+
+
+def client_state(config: RunConfig, pid: int) -> tuple[ClientData, Engine]:
+    """This node's data and engine for ``config`` (built once per run and node)."""
+    from ..runs import build_model_for, client_partitions
+
+    # everything but round-to-round bookkeeping decides the data and the model
+    key = json.dumps({**config.to_dict(), "threads": None, "description": None}, sort_keys=True) + f"#{pid}"
+    if key not in _STATE:
+        _STATE.clear()
+        train, _, parts = client_partitions(config)
+        shape = tuple(train.x.shape[1:])
+        model = FlatModel(build_model_for(config, shape, train.num_classes))
+        _STATE[key] = (ClientData(pid, train.subset(parts[pid]), config.seed),
+                       Engine(model, config.compute_engine(), config.probe_block))
+    return _STATE[key]
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    return Message(encode_identity(*partition_of(context)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    pid, parts = partition_of(context)
+    config, plan = decode_plan(msg.content)
+    if parts != config.num_clients:
+        raise ValueError(f"this node has num-partitions {parts}, the run has num_clients {config.num_clients}")
+    torch.set_num_threads(int(context.node_config.get("threads", 1)))
+    data, engine = client_state(config, pid)
+    upload, stats = client_update(engine, data, plan, config.algorithm())
+    return Message(encode_reply(upload, stats, len(data)), reply_to=msg)

@@ -1,0 +1,163 @@
+"""The baffle ServerApp: the in-process server loop with its clients on Flower nodes.
+
+The server half is :class:`baffle.simulation.Simulator` unchanged (sampling, the
+weighted sum or secure sum, Stein's combine, the optimiser, the EMA, evaluation)
+and the run directory is :func:`baffle.runs.execute`'s; only the clients move:
+:class:`FlowerClients` sends each chosen client's node the plan and collects the
+replies. A node that crashes, misses ``reply_timeout`` or sends a malformed reply
+is left out of the round with the reason in metrics.jsonl (``rejected``); with
+fewer than ``min_replies`` replies the round is skipped and the model kept.
+
+Run config (``flwr run ... --run-config``, defaults in this folder's pyproject.toml):
+    preset    a baffle preset name                        (default "quick")
+    options   run options overriding it, space-separated name=value pairs as in
+              ``baffle run`` (e.g. "dataset=synthetic rounds=3 num-perturbations=50")
+    out       run directory, absolute or relative to the SuperLink's working directory
+              (default runs/<preset>-flower-<time>)
+    resume    true: continue the run in ``out``
+"""
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Callable, Mapping
+
+from flwr.app import Context, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from .. import runs
+from ..config import ConfigError, RunConfig, resolve
+from ..modes import RoundPlan
+from .task import WireError, decode_identity, decode_reply, encode_plan
+
+app = ServerApp()
+
+NODE_POLL_SECONDS = 0.5
+
+
+class FlowerClients:
+    """:class:`baffle.simulation.RemoteClients` over a Flower ``Grid``: client c is the
+    node whose node config says ``partition-id = c``."""
+
+    def __init__(self, grid: Grid, config: RunConfig, n: int):
+        self.grid = grid
+        self.config = config
+        self.length = config.algorithm().uplink_floats(n)
+        self.node_of: dict[int, int] = {}  # client (partition-id) -> node id
+        self.seen: set[int] = set()  # nodes identified (used or not)
+
+    def discover(self, wait: float) -> dict[int, int]:
+        """Map clients to nodes; wait up to ``wait`` s for all num_clients nodes to connect."""
+        deadline = time.monotonic() + wait
+        while True:
+            nodes = [i for i in self.grid.get_node_ids() if i not in self.seen]
+            if nodes:
+                self._identify(nodes)
+            if len(self.node_of) >= self.config.num_clients or time.monotonic() >= deadline:
+                return self.node_of
+            time.sleep(NODE_POLL_SECONDS)
+
+    def _identify(self, nodes: list[int]) -> None:
+        msgs = [Message(content=_empty(), dst_node_id=i, message_type="query") for i in nodes]
+        for reply in self.grid.send_and_receive(msgs, timeout=self.config.reply_timeout):
+            src = reply.metadata.src_node_id
+            self.seen.add(src)
+            if reply.has_error():
+                log(WARNING, "baffle: node %s did not identify itself: %s", src, reply.error.reason)
+                continue
+            try:
+                pid, parts = decode_identity(reply.content)
+            except WireError as e:
+                log(WARNING, "baffle: node %s: %s", src, e)
+                continue
+            if parts != self.config.num_clients:  # a federation set up for another run: stop now
+                raise ConfigError(f"node {src} has num-partitions {parts}, the run has num_clients "
+                                  f"{self.config.num_clients}: give every node num-partitions="
+                                  f"{self.config.num_clients} (simulation: num-supernodes = num_clients)")
+            if pid in self.node_of:
+                log(WARNING, "baffle: node %s repeats partition-id %s (node %s has it); not used",
+                    src, pid, self.node_of[pid])
+            else:
+                self.node_of[pid] = src
+
+    def work(self, chosen: list[int], plan: RoundPlan, sizes: Mapping[int, int]):
+        if any(c not in self.node_of for c in chosen):
+            self.discover(wait=0)  # a node may have joined since
+        content = encode_plan(plan, self.config)
+        msgs = {c: Message(content=content, dst_node_id=self.node_of[c], message_type="train")
+                for c in chosen if c in self.node_of}
+        replies = {r.metadata.src_node_id: r
+                   for r in self.grid.send_and_receive(list(msgs.values()), timeout=self.config.reply_timeout)}
+        for c in chosen:
+            if c not in msgs:
+                yield c, f"train: no node has partition-id {c}"
+                continue
+            reply = replies.get(self.node_of[c])
+            if reply is None:
+                yield c, f"train: no reply within {self.config.reply_timeout:g} s (node {self.node_of[c]})"
+            elif reply.has_error():
+                yield c, f"train: node {self.node_of[c]} failed: {reply.error.reason.strip()[-300:]}"
+            else:
+                try:
+                    yield c, decode_reply(reply.content, c, plan.round, self.length, sizes[c])
+                except WireError as e:
+                    yield c, f"train: {e}"
+
+
+def _empty():
+    from flwr.app import RecordDict
+
+    return RecordDict()
+
+
+def serve(grid: Grid, config: RunConfig, out: Path, *, resume: bool = False, setup: runs.Setup | None = None,
+          on_round: Callable[[dict], None] | None = None) -> dict:
+    """Run ``config`` to the end with its clients on ``grid``'s nodes; return the summary."""
+    setup = setup or runs.build(config)
+    clients = FlowerClients(grid, config, setup.simulator.n)
+    found = clients.discover(wait=config.reply_timeout)
+    log(INFO, "baffle: %d of %d clients have a node", len(found), config.num_clients)
+    setup.simulator.use_remote(clients)
+    return runs.execute(config, out, resume=resume, setup=setup, on_round=on_round)
+
+
+def log_round(row: dict) -> None:
+    for reason in row.get("rejected", ()):
+        log(WARNING, "baffle: round %d: left out %s", row["round"], reason)
+    if row.get("skipped"):
+        log(WARNING, "baffle: round %d skipped, model unchanged: %s", row["round"], row["skipped"])
+    acc = "" if row["test_top1"] is None else f", test accuracy {100 * row['test_top1']:.2f}%"
+    log(INFO, "baffle: round %d done, %d clients%s", row["round"], row["clients"], acc)
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """ "rounds=3 num-perturbations=50" -> {"rounds": "3", "num_perturbations": "50"} (typed by RunConfig)."""
+    overrides = {}
+    for item in text.split():
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"run config options: expected name=value, got {item!r}")
+        overrides[name.removeprefix("--").replace("-", "_")] = value
+    return overrides
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: the run config names the preset, options and directory."""
+    rc = context.run_config
+    overrides = parse_options(str(rc.get("options", "")))
+    resume = str(rc.get("resume", "false")).lower() in ("1", "true", "yes")
+    out = Path(str(rc.get("out", "") or "")) if rc.get("out") else None
+    if resume:
+        if out is None:
+            raise ConfigError("resume = true needs out = the run directory")
+        config = runs.check_resumable(out, None)
+    else:
+        config = resolve(str(rc.get("preset", "quick")), overrides)
+        out = runs.new_run_dir(config, out)
+    out = out.absolute()
+    log(INFO, "baffle: %s, run directory %s", config.preset, out)
+    summary = serve(grid, config, out, resume=resume, on_round=log_round)
+    log(INFO, "baffle: final test accuracy %.2f%% (run directory %s)", 100 * summary["final_test_top1"], out)

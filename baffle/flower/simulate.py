@@ -1,0 +1,53 @@
+"""``baffle run --engine flower``: the ServerApp and ClientApp on Flower's simulation
+runtime (Ray backend), one virtual SuperNode per client, in this process.
+
+The ServerApp runs in a thread of this process (so the progress bar and Ctrl-C work
+as for the in-process engines); the ClientApps run in Ray actors, ``config.threads``
+of them at a time, one torch thread each.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from ..config import RunConfig
+from .task import offline_env
+
+
+def run(config: RunConfig, out: Path, *, resume: bool, setup, on_round: Callable[[dict], None] | None = None,
+        client_app=None) -> dict:
+    """Run ``config`` to the end on Flower simulation; return the summary (errors re-raised here)."""
+    offline_env()
+    from flwr.common.logger import FLOWER_LOGGER
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from .client_app import app as default_client_app
+    from .server_app import serve
+
+    outcome: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context) -> None:
+        try:
+            outcome["summary"] = serve(grid, config, out, resume=resume, setup=setup, on_round=on_round)
+        except BaseException as e:  # handed to the caller, which reports it like the in-process engines
+            outcome["error"] = e
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": config.threads, "num_gpus": 0, "logging_level": logging.ERROR,
+                             "log_to_driver": True, "include_dashboard": False}}
+    level = FLOWER_LOGGER.level
+    FLOWER_LOGGER.setLevel(logging.WARNING)  # Flower's per-round INFO lines would tear the progress bar
+    try:
+        run_simulation(server, client_app or default_client_app, num_supernodes=config.num_clients,
+                       backend_name="ray", backend_config=backend)
+    finally:
+        FLOWER_LOGGER.setLevel(level)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "summary" not in outcome:
+        raise RuntimeError("the Flower simulation ended before the ServerApp finished (see the log above)")
+    return outcome["summary"]

@@ -1,0 +1,227 @@
+"""baffle on Flower: simulation (Ray backend), faults, `flwr run`, deployment on loopback.
+
+Agreement with the in-process engine is tested at clients_per_forward 1: each client
+then evaluates exactly the forward passes a Flower node evaluates, so the runs may
+differ only by float rounding of different thread counts (tolerance 1e-6 relative).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ray import cloudpickle
+import numpy as np
+import pytest
+import torch
+from flwr.clientapp import ClientApp
+
+from baffle import runs
+from baffle.config import resolve
+from baffle.edge import Refused
+from baffle.flower import APP_DIR
+from baffle.flower.client_app import identify as baffle_identify
+from baffle.flower.client_app import train as baffle_train
+from baffle.flower.task import OFFLINE_ENV
+
+VENV_BIN = Path(sys.executable).parent
+BAFFLE = [sys.executable, "-m", "baffle.cli"]
+SMALL = ["--dataset", "synthetic", "--model", "lenet", "--num-perturbations", "10", "--batch-size", "16",
+         "--num-clients", "4", "--eval-every", "1", "--train-eval-size", "100", "--threads", "2"]
+ENV = {**os.environ, **OFFLINE_ENV, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+CLOSE = dict(rel=1e-6, abs=1e-9)
+
+
+def baffle(*args, check=True):
+    out = subprocess.run([*BAFFLE, *map(str, args)], capture_output=True, text=True, timeout=600, env=ENV)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = rows(a), rows(b)
+    assert len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb):
+        for key in ("round", "clients", "forward_passes", "backward_passes", "uplink_bytes", "downlink_bytes",
+                    "skipped", "rejected"):
+            assert x[key] == y[key], (key, x, y)
+        for key in ("test_top1", "test_loss", "train_loss", "client_loss"):
+            assert x[key] == pytest.approx(y[key], **CLOSE), (key, x, y)
+
+
+@pytest.mark.parametrize("mode", [["--mode", "fedsgd"], ["--mode", "fedavg", "--local-steps", "2"]],
+                         ids=["fedsgd", "fedavg"])
+def test_flower_simulation_matches_the_in_process_engine(tmp_path, mode):
+    args = [*SMALL, *mode, "--rounds", "3", "--clients-per-forward", "1"]
+    baffle("run", *args, "--out", tmp_path / "inproc", "--quiet")
+    out = baffle("run", *args, "--engine", "flower", "--out", tmp_path / "flower")
+    assert "final test accuracy" in out.stdout
+    run = tmp_path / "flower"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "summary.json", "curves.png",
+                                                "model.safetensors", "checkpoint.pt"}
+    assert json.loads((run / "config.json").read_text())["engine"] == "flower"
+    assert_same_run(tmp_path / "inproc", run)
+    a = json.loads((tmp_path / "inproc" / "summary.json").read_text())
+    b = json.loads((run / "summary.json").read_text())
+    assert b["forward_passes_total"] == a["forward_passes_total"] > 0
+    assert b["final_test_loss"] == pytest.approx(a["final_test_loss"], **CLOSE)
+
+
+# ---- faults: one node crashes, one sends a malformed reply ---------------------------------
+
+faulty_app = ClientApp()
+faulty_app.query()(baffle_identify)
+
+
+@faulty_app.train()
+def _faulty_train(msg, context):
+    pid = int(context.node_config["partition-id"])
+    if pid == 1:
+        raise RuntimeError("node 1 crashed on purpose")
+    reply = baffle_train(msg, context)
+    if pid == 2:  # three scalars where K are due
+        from flwr.app import Array, ArrayRecord
+
+        reply.content["upload"] = ArrayRecord(array_dict={"vector": Array(np.zeros(3, np.float32))})
+    return reply
+
+
+class _Refuses:
+    def probe(self, *args):
+        raise Refused("left out in the reference run")
+
+
+def _fault_config(**over):
+    return resolve("quick", {"dataset": "synthetic", "num_clients": 4, "rounds": 2, "num_perturbations": 10,
+                             "batch_size": 16, "train_eval_size": 100, "eval_every": 1,
+                             "clients_per_forward": 1, "engine": "flower", **over})
+
+
+def test_crashed_and_malformed_nodes_are_left_out_and_the_round_goes_on(tmp_path):
+    from baffle.flower import simulate
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray actors unpickle the faulty app
+    config = _fault_config()
+    summary = simulate.run(config, tmp_path / "run", resume=False, setup=runs.build(config), client_app=faulty_app)
+    got = rows(tmp_path / "run")
+    assert summary["rounds"] == 2
+    for r in got:
+        assert r["skipped"] is None and r["clients"] == 4
+        assert len(r["rejected"]) == 2, r["rejected"]
+        crash, bad = sorted(r["rejected"])
+        assert crash.startswith("client 1, train: node ") and "node 1 crashed on purpose" in crash
+        assert bad.startswith("client 2, train: malformed reply: vector of shape (3,)")
+    # the model moved exactly as in an in-process run in which clients 1 and 2 are left out
+    ref = runs.build(config)
+    sim = ref.simulator
+    sim.edge_clients = {1: _Refuses(), 2: _Refuses()}
+    for r in got:
+        want = sim.step(evaluate=True)
+        assert r["test_loss"] == pytest.approx(want.test_loss, **CLOSE)
+        assert r["client_loss"] == pytest.approx(want.client_loss, **CLOSE)
+        assert r["uplink_bytes"] == want.uplink_bytes == 2 * 10 * 4
+
+
+def test_too_few_replies_skip_the_round_and_keep_the_model(tmp_path):
+    from baffle.flower import simulate
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    config = _fault_config(min_replies=3)  # only clients 0 and 3 reply
+    setup = runs.build(config)
+    w0 = setup.simulator.server.weights.clone()
+    simulate.run(config, tmp_path / "run", resume=False, setup=setup, client_app=faulty_app)
+    got = rows(tmp_path / "run")
+    assert [r["skipped"] for r in got] == ["2 of 4 clients replied, fewer than min_replies 3"] * 2
+    assert torch.equal(setup.simulator.server.weights, w0)
+    assert got[0]["test_loss"] == got[1]["test_loss"]
+
+
+# ---- deployment on loopback: flower-superlink, two flower-supernodes, flwr run ---------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"process {proc.args[0]} exited with {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_deployment_on_loopback_runs_to_the_end_and_stops_cleanly(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link = _free_port()
+    env = {**ENV, "FLWR_HOME": str(home)}
+    procs: list[subprocess.Popen] = []
+    logs = []
+
+    def start(name, *cmd):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([str(VENV_BIN / cmd[0]), *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, start_new_session=True))
+        return procs[-1]
+
+    node_ports = [_free_port(), _free_port()]
+    try:
+        _wait_port(link, start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
+                               str(link)))
+        for i, port in enumerate(node_ports):
+            _wait_port(port, start(f"node{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                   "--port", str(port), "--node-config", f"partition-id={i} num-partitions=2"))
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
+            f"insecure = true\n")
+        run = tmp_path / "run"
+        options = "dataset=synthetic num-clients=2 rounds=2 num-perturbations=10 batch-size=16 train-eval-size=100"
+        out = subprocess.run([str(VENV_BIN / "flwr"), "run", str(APP_DIR), "--stream", "--run-config",
+                              f'out="{run}" options="{options}"'], capture_output=True, text=True, env=env,
+                             timeout=400)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "baffle: round 2 done, 2 clients" in out.stdout + out.stderr
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["rounds"] == 2 and summary["forward_passes_total"] == 2 * 2 * 11
+        got = rows(run)
+        assert [r["clients"] for r in got] == [2, 2] and all(not r["rejected"] for r in got)
+        assert {p.name for p in run.iterdir()} >= {"config.json", "curves.png", "model.safetensors"}
+    finally:
+        _stop(procs)
+        for log in logs:
+            log.close()
+    deadline = time.monotonic() + 30  # the supernodes' workers watch their parent and exit after it
+    while time.monotonic() < deadline and any(_processes_mentioning(str(p)) for p in [link, *node_ports]):
+        time.sleep(0.5)
+    assert not [line for p in [link, *node_ports] for line in _processes_mentioning(f"127.0.0.1:{p}")]
