@@ -55,12 +55,29 @@ class EdgeClient(Protocol):
 Reply = "tuple[Upload, ClientStats] | str"  # a client's upload and accounting, or why it is left out
 
 
+@dataclass(frozen=True)
+class SecureRound:
+    """What remote clients return from a securely aggregated round: the protocol's
+    result, the accounting of the clients that computed, and who was left out (why)."""
+
+    result: object  # baffle.aggregation.secure.SecureSumResult
+    stats: Mapping[int, ClientStats]
+    rejected: tuple[str, ...]
+    length: int  # floats per client upload
+
+
 class RemoteClients(Protocol):
-    """Clients outside this process: run ``plan`` on each chosen client and yield
-    ``(client, (Upload, ClientStats))`` or ``(client, reason)`` for every one of them.
-    ``sizes`` are the examples each client is expected to hold (its aggregation weight)."""
+    """Clients outside this process.
+
+    ``work`` runs ``plan`` on each chosen client and yields ``(client, (Upload,
+    ClientStats))`` or ``(client, reason)`` for every one of them; ``secure_work``
+    runs the round with secure aggregation (each client masks its own upload, the
+    weights being sizes[c] / sum(sizes)) and returns a :class:`SecureRound`.
+    ``sizes`` are the examples each client is expected to hold."""
 
     def work(self, chosen: list[int], plan: RoundPlan, sizes: Mapping[int, int]): ...
+
+    def secure_work(self, chosen: list[int], plan: RoundPlan, sizes: Mapping[int, int], config) -> SecureRound: ...
 
 
 @dataclass(frozen=True)
@@ -164,21 +181,30 @@ class Simulator:
         t = self.round
         plan = RoundPlan(t, round_seed(self.seed, t), self.server.weights.clone())
         chosen = self.sampled_clients(t)
+        downlink = len(chosen) * plan.nbytes
+        need = self.secure.config(len(chosen)).threshold if self.secure is not None else 1
+        if self.secure is not None and self.remote is not None:  # the clients mask their own uploads
+            secure = self.secure.config(len(chosen))
+            sizes = {c: len(self.clients[c]) for c in chosen}
+            outcome = self.remote.secure_work(chosen, plan, sizes, secure)
+            losses = self._count([outcome.stats[c] for c in sorted(outcome.stats)])
+            extra, uplink, down, rejected, skipped = self._secure_outcome(outcome.result, 4 * outcome.length)
+            rejected = outcome.rejected + rejected
+            downlink += down
+            if skipped is None and len(outcome.result.survivors) < self.min_replies:
+                skipped = (f"{len(outcome.result.survivors)} of {len(chosen)} clients replied, fewer than "
+                           f"min_replies {self.min_replies}")
+            if skipped is None:
+                self._step_secure(outcome.result, plan)
+            return self._finish_round(evaluate, chosen, losses, uplink, downlink, extra, skipped, rejected)
         replies = dict(self._client_work(chosen, plan))
         rejected = tuple(f"client {c}, {replies[c]}" for c in chosen if isinstance(replies[c], str))
         ok = [c for c in chosen if not isinstance(replies[c], str)]
-        uploads, losses, uplink = [], [], 0
-        for c in ok:
-            upload, stats = replies[c]
-            uploads.append(upload.vector)
-            uplink += upload.nbytes
-            losses.append(stats.train_loss)
-            self.forward_passes += stats.forward_passes
-            self.backward_passes += stats.backward_passes
+        uploads = [replies[c][0].vector for c in ok]
+        uplink = sum(replies[c][0].nbytes for c in ok)
+        losses = self._count([replies[c][1] for c in ok])
         extra, skipped = 0, None
-        downlink = len(chosen) * plan.nbytes
         weights = client_weights([len(self.clients[c]) for c in ok]) if ok else None
-        need = self.secure.config(len(chosen)).threshold if self.secure is not None else 1
         if not ok:
             skipped = f"no client replied ({len(chosen)} left out)"
         elif len(ok) < self.min_replies:
@@ -192,18 +218,37 @@ class Simulator:
         else:
             secure = dataclasses.replace(self.secure, threshold=need)
             result = secure.aggregate(ok, uploads, weights, t, derive_seed(self.seed, TAG_SECURE, t))
-            # protocol messages replace the plain upload; every sender's bytes count,
-            # dropped clients' included
-            plain = uplink // len(ok)
-            extra = int(round(result.bytes_per_client["survivor_uplink"])) - plain
-            uplink = int(round(result.bytes_per_client["uplink_total"]))
-            downlink += int(round(result.bytes_per_client["downlink_total"]))
-            rejected += tuple(f"client {r.client}, {r.phase}: {r.reason}" for r in result.rejected)
-            if result.ok:  # a weighted mean over the clients that survived
-                aggregate = torch.from_numpy(result.sum / result.weight).to(torch.float32)
-                self.server.step(server_decode(aggregate, plan, self.algorithm))
-            else:
-                skipped = result.reason
+            extra, uplink, down, more, skipped = self._secure_outcome(result, uplink // len(ok))
+            downlink += down
+            rejected += more
+            if skipped is None:
+                self._step_secure(result, plan)
+        return self._finish_round(evaluate, chosen, losses, uplink, downlink, extra, skipped, rejected)
+
+    def _count(self, stats: list[ClientStats]) -> list[float]:
+        """Add the clients' passes to the run's totals; their losses on their batches."""
+        for s in stats:
+            self.forward_passes += s.forward_passes
+            self.backward_passes += s.backward_passes
+        return [s.train_loss for s in stats]
+
+    @staticmethod
+    def _secure_outcome(result, plain: int):
+        """(extra, uplink, downlink added, rejected, skipped) of a secure round whose plain
+        upload is ``plain`` bytes: protocol messages replace the plain upload; every
+        sender's bytes count, dropped clients' included."""
+        extra = int(round(result.bytes_per_client["survivor_uplink"])) - plain
+        uplink = int(round(result.bytes_per_client["uplink_total"]))
+        downlink = int(round(result.bytes_per_client["downlink_total"]))
+        rejected = tuple(f"client {r.client}, {r.phase}: {r.reason}" for r in result.rejected)
+        return extra, uplink, downlink, rejected, None if result.ok else result.reason
+
+    def _step_secure(self, result, plan: RoundPlan) -> None:
+        """Step on the weighted mean over the clients that survived."""
+        aggregate = torch.from_numpy(result.sum / result.weight).to(torch.float32)
+        self.server.step(server_decode(aggregate, plan, self.algorithm))
+
+    def _finish_round(self, evaluate, chosen, losses, uplink, downlink, extra, skipped, rejected) -> RoundRecord:
         self.round += 1
         ev = tr = None
         if evaluate:

@@ -57,8 +57,9 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert x[key] == pytest.approx(y[key], **CLOSE), (key, x, y)
 
 
-@pytest.mark.parametrize("mode", [["--mode", "fedsgd"], ["--mode", "fedavg", "--local-steps", "2"]],
-                         ids=["fedsgd", "fedavg"])
+@pytest.mark.parametrize("mode", [["--mode", "fedsgd"], ["--mode", "fedavg", "--local-steps", "2"],
+                                  ["--mode", "fedsgd", "--secure-aggregation"]],
+                         ids=["fedsgd", "fedavg", "fedsgd-secure"])
 def test_flower_simulation_matches_the_in_process_engine(tmp_path, mode):
     args = [*SMALL, *mode, "--rounds", "3", "--clients-per-forward", "1"]
     baffle("run", *args, "--out", tmp_path / "inproc", "--quiet")
@@ -144,6 +145,60 @@ def test_too_few_replies_skip_the_round_and_keep_the_model(tmp_path):
     assert got[0]["test_loss"] == got[1]["test_loss"]
 
 
+# ---- secure aggregation carried over Flower messages ------------------------------------------
+
+class SpyGrid:
+    """A Grid that keeps a copy of every reply the ServerApp receives."""
+
+    def __init__(self, grid):
+        self.grid, self.replies = grid, []
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+
+def test_secure_aggregation_on_flower_shows_the_server_only_masked_vectors(tmp_path):
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from baffle.flower.client_app import app
+    from baffle.flower.server_app import serve
+
+    config = _fault_config(secure_aggregation=True, rounds=2)
+    seen = {}
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context):
+        spy = SpyGrid(grid)
+        seen["summary"] = serve(spy, config, tmp_path / "run")
+        seen["replies"] = spy.replies
+
+    run_simulation(server, app, num_supernodes=4, backend_config={"init_args": {"num_cpus": 2}})
+    assert seen["summary"]["rounds"] == 2
+    kinds = {r.metadata.message_type for r in seen["replies"]}
+    assert kinds == {"query", "train.secagg_advertise", "train.secagg_share", "train.secagg_masked",
+                     "train.secagg_unmask"}
+    # no reply carries an upload: the masked phase sends uint64 words that look uniform
+    # (a float32 K=10 upload scaled by 1/4 and encoded at 2^-24 would be < 2^30 in magnitude)
+    masked = [r.content["masked"]["y"].numpy() for r in seen["replies"] if r.metadata.message_type.endswith("masked")]
+    assert len(masked) == 2 * 4 and all("upload" not in r.content for r in seen["replies"])
+    words = np.concatenate(masked).view(np.int64)
+    assert words.dtype == np.int64 and np.mean(np.abs(words) > 2**40) > 0.95
+    # and the model moved exactly as in process with the same protocol
+    ref = runs.build(config.__class__(**{**config.to_dict(), "engine": "loop"}))
+    for r in rows(tmp_path / "run"):
+        want = ref.simulator.step(evaluate=True)
+        assert r["rejected"] == [] and r["skipped"] is None
+        assert r["test_loss"] == pytest.approx(want.test_loss, **CLOSE)
+        assert r["uplink_bytes"] == want.uplink_bytes and r["secure_extra_bytes"] == want.secure_extra_bytes
+
+
 # ---- deployment on loopback: flower-superlink, two flower-supernodes, flwr run ---------------
 
 def _free_port() -> int:
@@ -180,7 +235,8 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def test_deployment_on_loopback_runs_to_the_end_and_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("rounds,extra", [(2, ""), (1, " secure-aggregation=true")], ids=["plain", "secure"])
+def test_deployment_on_loopback_runs_to_the_end_and_stops_cleanly(tmp_path, rounds, extra):
     home = tmp_path / "flwr-home"
     home.mkdir()
     link = _free_port()
@@ -206,16 +262,19 @@ def test_deployment_on_loopback_runs_to_the_end_and_stops_cleanly(tmp_path):
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
             f"insecure = true\n")
         run = tmp_path / "run"
-        options = "dataset=synthetic num-clients=2 rounds=2 num-perturbations=10 batch-size=16 train-eval-size=100"
+        options = (f"dataset=synthetic num-clients=2 rounds={rounds} num-perturbations=10 batch-size=16 "
+                   f"train-eval-size=100{extra}")
         out = subprocess.run([str(VENV_BIN / "flwr"), "run", str(APP_DIR), "--stream", "--run-config",
                               f'out="{run}" options="{options}"'], capture_output=True, text=True, env=env,
                              timeout=400)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "baffle: round 2 done, 2 clients" in out.stdout + out.stderr
+        assert f"baffle: round {rounds} done, 2 clients" in out.stdout + out.stderr
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["rounds"] == 2 and summary["forward_passes_total"] == 2 * 2 * 11
+        assert summary["rounds"] == rounds and summary["forward_passes_total"] == rounds * 2 * 11
         got = rows(run)
-        assert [r["clients"] for r in got] == [2, 2] and all(not r["rejected"] for r in got)
+        assert [r["clients"] for r in got] == [2] * rounds
+        assert all(not r["rejected"] and r["skipped"] is None for r in got)
+        assert all(r["secure_extra_bytes"] > 0 for r in got) == bool(extra)
         assert {p.name for p in run.iterdir()} >= {"config.json", "curves.png", "model.safetensors"}
     finally:
         _stop(procs)

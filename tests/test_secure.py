@@ -302,6 +302,42 @@ def test_client_refuses_to_reveal_both_shares_of_one_client():
         clients[1].unmask(UnmaskRequest(5, (0, 1, 2, 3), ()))
 
 
+def test_a_client_saved_and_restored_between_phases_gives_the_same_sum_and_remembers_what_it_revealed():
+    """A Flower node runs each phase in a fresh process: state_bytes/from_state_bytes carry the round."""
+    cfg = SecureAggConfig(num_clients=4, threshold=3)
+    vectors, weights = problem(37, 4, 16)
+    ids = sorted(vectors)
+    server = SecureAggServer(0, cfg, ids, 16)
+    saved = {}
+
+    def phase(c, call):
+        client = SecureAggClient.from_state_bytes(saved[c], cfg)
+        out = call(client)
+        saved[c] = client.state_bytes()
+        return out
+
+    for c in ids:
+        client = SecureAggClient(c, 0, cfg, rb(100 + c))
+        assert server.receive_advert(client.advertise()) is None
+        saved[c] = client.state_bytes()
+    adverts = server.broadcast_adverts()
+    for c in ids:
+        assert server.receive_shares(phase(c, lambda k: k.share_keys(adverts))) is None
+    routed = server.routed_shares()
+    for c in ids[:3]:  # client 3 drops after sharing its keys
+        assert server.receive_masked(phase(c, lambda k: k.masked_input(vectors[c], weights[c], routed[c]))) is None
+    request = server.unmask_request()
+    for c in request.survivors:
+        assert server.receive_unmask(phase(c, lambda k: k.unmask(request))) is None
+    res = server.finish()
+    assert res.ok and res.survivors == (0, 1, 2)
+    np.testing.assert_array_equal(res.sum, fixed_point_sum(vectors, weights, cfg, [0, 1, 2]))
+    with pytest.raises(ShareConflict):  # restored, it still refuses the other share of client 3
+        phase(0, lambda k: k.unmask(UnmaskRequest(0, (0, 1, 3), (2,))))
+    with pytest.raises(RuntimeError, match="out of order"):
+        phase(1, lambda k: k.share_keys(adverts))
+
+
 # ---- bad input ---------------------------------------------------------------------
 
 def test_rejections_are_named_and_the_sum_goes_on():

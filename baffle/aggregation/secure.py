@@ -53,6 +53,7 @@ counts and weights, 32-byte keys, 66-byte field elements, 8 bytes per masked wor
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -346,7 +347,8 @@ class SecureAggClient:
         self._random = random_bytes
         self._c_sk_raw = _draw(random_bytes, KEY_BYTES)
         self._c_sk = X25519PrivateKey.from_private_bytes(self._c_sk_raw)
-        self._s_sk = X25519PrivateKey.from_private_bytes(_draw(random_bytes, KEY_BYTES))
+        self._s_sk_raw = _draw(random_bytes, KEY_BYTES)
+        self._s_sk = X25519PrivateKey.from_private_bytes(self._s_sk_raw)
         self._advert = KeyAdvert(self.client, self.round, _pk_bytes(self._c_sk), _pk_bytes(self._s_sk))
         self._peers: dict[int, KeyAdvert] = {}
         self._s_shared: dict[int, bytes] = {}  # X25519(s_sk_u, s_pk_v): serves both directions
@@ -355,6 +357,36 @@ class SecureAggClient:
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (share of b, share of c_sk)
         self._revealed: dict[int, str] = {}
         self._step = 0
+
+    def state_bytes(self) -> bytes:
+        """Everything this client holds for the round, secrets included, as bytes: for a
+        client whose phases run in separate processes (a Flower node starts one per
+        message). Keep it on the client's machine; it must never reach the server."""
+        return json.dumps({
+            "client": self.client, "round": self.round, "step": self._step,
+            "c_sk": self._c_sk_raw.hex(), "s_sk": self._s_sk_raw.hex(), "seed": self._seed.hex(),
+            "peers": [[a.client, a.c_pk.hex(), a.s_pk.hex()] for a in self._peers.values()],
+            "own": list(self._own_shares), "held": [[v, b, k] for v, (b, k) in self._held.items()],
+            "revealed": [[v, kind] for v, kind in self._revealed.items()],
+        }).encode()
+
+    @classmethod
+    def from_state_bytes(cls, state: bytes, config: SecureAggConfig,
+                         random_bytes: RandomBytes = os.urandom) -> "SecureAggClient":
+        """The client saved by :meth:`state_bytes`, at the same step of the same round."""
+        d = json.loads(state)
+        keys = iter([bytes.fromhex(d["c_sk"]), bytes.fromhex(d["s_sk"])])
+        self = cls(d["client"], d["round"], config, lambda n: next(keys))
+        self._random = random_bytes
+        self._step = int(d["step"])
+        self._seed = bytes.fromhex(d["seed"])
+        self._peers = {c: KeyAdvert(c, self.round, bytes.fromhex(cp), bytes.fromhex(sp)) for c, cp, sp in d["peers"]}
+        self._s_shared = {v: self._s_sk.exchange(X25519PublicKey.from_public_bytes(a.s_pk))
+                          for v, a in self._peers.items() if v != self.client}
+        self._own_shares = tuple(d["own"])
+        self._held = {v: (b, k) for v, b, k in d["held"]}
+        self._revealed = {v: kind for v, kind in d["revealed"]}
+        return self
 
     def _enter(self, step: int, name: str) -> None:
         if self._step != step:

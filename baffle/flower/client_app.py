@@ -16,14 +16,16 @@ from __future__ import annotations
 import json
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..aggregation.secure import ProtocolAbort, SecureAggClient
 from ..config import RunConfig
 from ..engine import Engine
 from ..flatmodel import FlatModel
 from ..modes import ClientData, client_update
-from .task import decode_plan, encode_identity, encode_reply
+from .task import (adverts_from, advert_to_record, decode_plan, decode_secagg, encode_identity, encode_reply,
+                   masked_to_record, request_from, routed_from, shares_to_record, unmask_to_record)
 
 app = ClientApp()
 
@@ -63,8 +65,8 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(encode_identity(*partition_of(context)), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def compute(msg: Message, context: Context) -> RecordDict:
+    """This node's upload for the plan in ``msg`` (forward passes only for BAFFLE)."""
     pid, parts = partition_of(context)
     config, plan = decode_plan(msg.content)
     if parts != config.num_clients:
@@ -72,4 +74,68 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(int(context.node_config.get("threads", 1)))
     data, engine = client_state(config, pid)
     upload, stats = client_update(engine, data, plan, config.algorithm())
-    return Message(encode_reply(upload, stats, len(data)), reply_to=msg)
+    return encode_reply(upload, stats, len(data))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(compute(msg, context), reply_to=msg)
+
+
+# ---- secure aggregation: one handler per phase (see task.py) --------------------------------
+# The round's secrets live in this node's context state between phases (a deployed node
+# runs each message in a fresh process); they are drawn from os.urandom and never sent.
+
+SECAGG_STATE = "baffle-secagg"
+
+
+def _secagg_client(msg: Message, context: Context) -> tuple[int, SecureAggClient]:
+    rnd, config = decode_secagg(msg.content)
+    if SECAGG_STATE not in context.state:
+        raise ProtocolAbort(f"round {rnd}: no secure-aggregation state on this node (advertise never ran)")
+    client = SecureAggClient.from_state_bytes(context.state[SECAGG_STATE]["state"], config)
+    if client.round != rnd:
+        raise ProtocolAbort(f"message for round {rnd}, this node's secure-aggregation state is of round {client.round}")
+    return rnd, client
+
+
+def _keep(context: Context, client: SecureAggClient) -> None:
+    context.state[SECAGG_STATE] = ConfigRecord({"state": client.state_bytes()})
+
+
+@app.train("secagg_advertise")
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    pid, _ = partition_of(context)
+    rnd, config = decode_secagg(msg.content)
+    client = SecureAggClient(pid, rnd, config)  # fresh keys from os.urandom
+    advert = client.advertise()
+    _keep(context, client)
+    return Message(advert_to_record(advert), reply_to=msg)
+
+
+@app.train("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    rnd, client = _secagg_client(msg, context)
+    shares = client.share_keys(adverts_from(msg.content, rnd))
+    _keep(context, client)
+    return Message(shares_to_record(shares), reply_to=msg)
+
+
+@app.train("secagg_masked")
+def secagg_masked(msg: Message, context: Context) -> Message:
+    rnd, client = _secagg_client(msg, context)
+    bundle, weight = routed_from(msg.content, rnd, client.client)
+    if int(msg.content["plan"]["round"]) != rnd:
+        raise ProtocolAbort(f"plan of round {msg.content['plan']['round']} in a secure round {rnd}")
+    reply = compute(msg, context)
+    masked = client.masked_input(reply["upload"]["vector"].numpy(), weight, bundle)
+    _keep(context, client)
+    return Message(masked_to_record(masked, reply), reply_to=msg)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    rnd, client = _secagg_client(msg, context)
+    answer = client.unmask(request_from(msg.content, rnd))
+    _keep(context, client)
+    return Message(unmask_to_record(answer), reply_to=msg)

@@ -23,14 +23,17 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Callable, Mapping
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from .. import runs
 from ..config import ConfigError, RunConfig, resolve
 from ..modes import RoundPlan
-from .task import WireError, decode_identity, decode_reply, encode_plan
+from ..simulation import SecureRound
+from .task import (WireError, adverts_record, decode_identity, decode_reply, decode_stats, encode_secagg,
+                   plan_records, record_to_advert, record_to_masked, record_to_shares, record_to_unmask,
+                   request_record, routed_record)
 
 app = ServerApp()
 
@@ -60,7 +63,7 @@ class FlowerClients:
             time.sleep(NODE_POLL_SECONDS)
 
     def _identify(self, nodes: list[int]) -> None:
-        msgs = [Message(content=_empty(), dst_node_id=i, message_type="query") for i in nodes]
+        msgs = [Message(content=RecordDict(), dst_node_id=i, message_type="query") for i in nodes]
         for reply in self.grid.send_and_receive(msgs, timeout=self.config.reply_timeout):
             src = reply.metadata.src_node_id
             self.seen.add(src)
@@ -85,7 +88,7 @@ class FlowerClients:
     def work(self, chosen: list[int], plan: RoundPlan, sizes: Mapping[int, int]):
         if any(c not in self.node_of for c in chosen):
             self.discover(wait=0)  # a node may have joined since
-        content = encode_plan(plan, self.config)
+        content = RecordDict(plan_records(plan, self.config))
         msgs = {c: Message(content=content, dst_node_id=self.node_of[c], message_type="train")
                 for c in chosen if c in self.node_of}
         replies = {r.metadata.src_node_id: r
@@ -106,10 +109,80 @@ class FlowerClients:
                     yield c, f"train: {e}"
 
 
-def _empty():
-    from flwr.app import RecordDict
+    def _exchange(self, phase: str, clients: list[int], records: Callable[[int], dict],
+                  rejected: list[str]) -> dict[int, RecordDict]:
+        """Send each client its message of ``phase``; the contents of the replies that came back."""
+        msgs = {c: Message(content=RecordDict(records(c)), dst_node_id=self.node_of[c],
+                           message_type=f"train.{phase}") for c in clients}
+        replies = {r.metadata.src_node_id: r
+                   for r in self.grid.send_and_receive(list(msgs.values()), timeout=self.config.reply_timeout)}
+        out = {}
+        for c in clients:
+            reply = replies.get(self.node_of[c])
+            if reply is None:
+                rejected.append(f"client {c}, {phase}: no reply within {self.config.reply_timeout:g} s")
+            elif reply.has_error():
+                rejected.append(f"client {c}, {phase}: node {self.node_of[c]} failed: "
+                                f"{reply.error.reason.strip()[-300:]}")
+            else:
+                out[c] = reply.content
+        return out
 
-    return RecordDict()
+    def secure_work(self, chosen: list[int], plan: RoundPlan, sizes: Mapping[int, int], config) -> SecureRound:
+        """The round with baffle's secure aggregation carried over Flower messages.
+
+        The server side is :class:`baffle.aggregation.secure.SecureAggServer`, the node
+        side :class:`~baffle.aggregation.secure.SecureAggClient` (client_app.py): the
+        server sees public keys, ciphertexts it cannot open, masked uint64 vectors and,
+        for the unmasking, shares of survivors' self-mask seeds and of dropped clients'
+        mask keys: the sum, never one client's upload. Each client's weight is
+        sizes[c] / sum over the round (public); the server divides by the survivors' sum.
+        """
+        from ..aggregation.secure import SecureAggServer
+
+        rejected = [f"client {c}, secagg_advertise: no node has partition-id {c}" for c in chosen
+                    if c not in self.node_of]
+        total = sum(sizes[c] for c in chosen)
+        server = SecureAggServer(plan.round, config, chosen, self.length)
+        header = {"secagg": encode_secagg(plan.round, config)}
+        stats = {}
+
+        def admit(receive, decode, phase: str, replies: dict[int, RecordDict]) -> None:
+            for c, content in replies.items():
+                try:
+                    receive(decode(content, c))
+                except WireError as e:
+                    rejected.append(f"client {c}, {phase}: {e}")
+
+        members = [c for c in chosen if c in self.node_of]
+        admit(server.receive_advert, record_to_advert, "secagg_advertise",
+              self._exchange("secagg_advertise", members, lambda c: header, rejected))
+        adverts = server.broadcast_adverts()
+        if adverts:
+            shared = {**header, "adverts": adverts_record(adverts)}
+            admit(server.receive_shares, record_to_shares, "secagg_share",
+                  self._exchange("secagg_share", [a.client for a in adverts], lambda c: shared, rejected))
+        routed = server.routed_shares()
+        if routed:
+            round_plan = {**header, **plan_records(plan, self.config)}
+
+            def masked(content: RecordDict, c: int):
+                s = decode_stats(content, c, sizes[c])
+                msg = record_to_masked(content, c)
+                if server.receive_masked(msg) is None:
+                    stats[c] = s
+                return msg
+
+            admit(lambda m: None, masked, "secagg_masked",
+                  self._exchange("secagg_masked", sorted(routed),
+                                 lambda c: {**round_plan, "routed": routed_record(routed[c], sizes[c] / total)},
+                                 rejected))
+        request = server.unmask_request()
+        if request is not None:
+            asked = {**header, "request": request_record(request)}
+            admit(server.receive_unmask, record_to_unmask, "secagg_unmask",
+                  self._exchange("secagg_unmask", list(request.survivors), lambda c: asked, rejected))
+        return SecureRound(server.finish(), stats, tuple(rejected), self.length)
 
 
 def serve(grid: Grid, config: RunConfig, out: Path, *, resume: bool = False, setup: runs.Setup | None = None,
