@@ -199,6 +199,32 @@ def test_secure_aggregation_on_flower_shows_the_server_only_masked_vectors(tmp_p
         assert r["uplink_bytes"] == want.uplink_bytes and r["secure_extra_bytes"] == want.secure_extra_bytes
 
 
+# ---- `flwr run` with a local simulation federation -------------------------------------------
+
+def test_flwr_run_on_a_local_simulation_federation(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = ":local:"\n'
+        "options.num-supernodes = 4\noptions.backend.init-args.num-cpus = 2\n")
+    env = {**ENV, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    run = tmp_path / "run"
+    try:
+        out = subprocess.run([str(VENV_BIN / "flwr"), "run", str(APP_DIR), "--stream", "--run-config",
+                              f'out="{run}" options="dataset=synthetic num-clients=4 rounds=2 num-perturbations=10"'],
+                             capture_output=True, text=True, env=env, timeout=400)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finally:  # flwr leaves its local SuperLink running; it is the one process that names our FLWR_HOME
+        subprocess.run(["pkill", "-f", str(home)])
+    assert "baffle: round 2 done, 4 clients" in out.stdout + out.stderr
+    assert json.loads((run / "summary.json").read_text())["forward_passes_total"] == 2 * 4 * 11
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _processes_mentioning(str(home)):
+        time.sleep(0.5)
+    assert not _processes_mentioning(str(home))
+
+
 # ---- deployment on loopback: flower-superlink, two flower-supernodes, flwr run ---------------
 
 def _free_port() -> int:
