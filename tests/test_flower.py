@@ -6,23 +6,22 @@ differ only by float rounding of different thread counts (tolerance 1e-6 relativ
 """
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ray import cloudpickle
 import numpy as np
 import pytest
 import torch
 from flwr.clientapp import ClientApp
+from ray import cloudpickle
 
 from baffle import runs
 from baffle.config import resolve
 from baffle.edge import Refused
 from baffle.flower import APP_DIR
+from baffle.flower.local import LocalDeployment, free_port
 from baffle.flower.client_app import identify as baffle_identify
 from baffle.flower.client_app import train as baffle_train
 from baffle.flower.task import OFFLINE_ENV
@@ -207,8 +206,8 @@ def test_flwr_run_on_a_local_simulation_federation(tmp_path):
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = ":local:"\n'
         "options.num-supernodes = 4\noptions.backend.init-args.num-cpus = 2\n")
-    env = {**ENV, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    env = {**ENV, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     run = tmp_path / "run"
     try:
         out = subprocess.run([str(VENV_BIN / "flwr"), "run", str(APP_DIR), "--stream", "--run-config",
@@ -227,86 +226,27 @@ def test_flwr_run_on_a_local_simulation_federation(tmp_path):
 
 # ---- deployment on loopback: flower-superlink, two flower-supernodes, flwr run ---------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process {proc.args[0]} exited with {proc.returncode}"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
 def _processes_mentioning(text: str) -> list[str]:
     out = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True)
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
 @pytest.mark.parametrize("rounds,extra", [(2, ""), (1, " secure-aggregation=true")], ids=["plain", "secure"])
 def test_deployment_on_loopback_runs_to_the_end_and_stops_cleanly(tmp_path, rounds, extra):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    link = _free_port()
-    env = {**ENV, "FLWR_HOME": str(home)}
-    procs: list[subprocess.Popen] = []
-    logs = []
-
-    def start(name, *cmd):
-        log = open(tmp_path / f"{name}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([str(VENV_BIN / cmd[0]), *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                      env=env, start_new_session=True))
-        return procs[-1]
-
-    node_ports = [_free_port(), _free_port()]
-    try:
-        _wait_port(link, start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
-                               str(link)))
-        for i, port in enumerate(node_ports):
-            _wait_port(port, start(f"node{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                   "--port", str(port), "--node-config", f"partition-id={i} num-partitions=2"))
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
-            f"insecure = true\n")
-        run = tmp_path / "run"
-        options = (f"dataset=synthetic num-clients=2 rounds={rounds} num-perturbations=10 batch-size=16 "
-                   f"train-eval-size=100{extra}")
-        out = subprocess.run([str(VENV_BIN / "flwr"), "run", str(APP_DIR), "--stream", "--run-config",
-                              f'out="{run}" options="{options}"'], capture_output=True, text=True, env=env,
-                             timeout=400)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert f"baffle: round {rounds} done, 2 clients" in out.stdout + out.stderr
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["rounds"] == rounds and summary["forward_passes_total"] == rounds * 2 * 11
-        got = rows(run)
-        assert [r["clients"] for r in got] == [2] * rounds
-        assert all(not r["rejected"] and r["skipped"] is None for r in got)
-        assert all(r["secure_extra_bytes"] > 0 for r in got) == bool(extra)
-        assert {p.name for p in run.iterdir()} >= {"config.json", "curves.png", "model.safetensors"}
-    finally:
-        _stop(procs)
-        for log in logs:
-            log.close()
-    deadline = time.monotonic() + 30  # the supernodes' workers watch their parent and exit after it
-    while time.monotonic() < deadline and any(_processes_mentioning(str(p)) for p in [link, *node_ports]):
+    run = tmp_path / "run"
+    options = f"dataset=synthetic num-clients=2 rounds={rounds} num-perturbations=10 batch-size=16 train-eval-size=100"
+    with LocalDeployment(nodes=2, home=tmp_path / "flwr-home") as fed:
+        out = fed.run(run, options + extra, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"baffle: round {rounds} done, 2 clients" in out.stdout + out.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == rounds and summary["forward_passes_total"] == rounds * 2 * 11
+    got = rows(run)
+    assert [r["clients"] for r in got] == [2] * rounds
+    assert all(not r["rejected"] and r["skipped"] is None for r in got)
+    assert all(r["secure_extra_bytes"] > 0 for r in got) == bool(extra)
+    assert {p.name for p in run.iterdir()} >= {"config.json", "curves.png", "model.safetensors"}
+    deadline = time.monotonic() + 30  # the nodes' workers watch their parent and exit after it
+    while time.monotonic() < deadline and any(_processes_mentioning(f"127.0.0.1:{p}") for p in fed.ports):
         time.sleep(0.5)
-    assert not [line for p in [link, *node_ports] for line in _processes_mentioning(f"127.0.0.1:{p}")]
+    assert not [line for p in fed.ports for line in _processes_mentioning(f"127.0.0.1:{p}")]
