@@ -6,6 +6,7 @@ differ only by float rounding of different thread counts (tolerance 1e-6 relativ
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +74,24 @@ def test_flower_simulation_matches_the_in_process_engine(tmp_path, mode):
     b = json.loads((run / "summary.json").read_text())
     assert b["forward_passes_total"] == a["forward_passes_total"] > 0
     assert b["final_test_loss"] == pytest.approx(a["final_test_loss"], **CLOSE)
+
+
+def test_ctrl_c_on_flower_records_no_broken_round_and_the_run_resumes(tmp_path):
+    args = [*SMALL, "--rounds", "30", "--clients-per-forward", "1"]
+    baffle("run", *args, "--out", tmp_path / "inproc", "--quiet")
+    run = tmp_path / "flower"
+    proc = subprocess.Popen([*BAFFLE, "run", *args, "--engine", "flower", "--out", str(run), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not (run / "metrics.jsonl").exists() or len(rows(run)) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and f"baffle run --resume {run}" in err, err[-2000:]
+    done = rows(run)
+    assert 3 <= len(done) < 30 and all(r["skipped"] is None and not r["rejected"] for r in done)
+    baffle("run", "--resume", run, "--quiet")
+    assert_same_run(tmp_path / "inproc", run)
 
 
 # ---- faults: one node crashes, one sends a malformed reply ---------------------------------
@@ -155,10 +174,13 @@ class SpyGrid:
     def __getattr__(self, name):
         return getattr(self.grid, name)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
         self.replies.extend(replies)
         return replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise AssertionError("the ServerApp pulls replies itself (pull_messages)")
 
 
 def test_secure_aggregation_on_flower_shows_the_server_only_masked_vectors(tmp_path):

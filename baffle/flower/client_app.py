@@ -29,8 +29,15 @@ from .task import (adverts_from, advert_to_record, decode_plan, decode_secagg, e
 
 app = ClientApp()
 
-# what a node keeps between rounds of one run: its data and its model/engine (one run at a time)
-_STATE: dict[str, tuple[ClientData, Engine]] = {}
+# what a worker process keeps between messages of one run: the run's data and partition,
+# and the model/engine (a simulation worker serves many virtual nodes in turn)
+_CACHE: dict[str, object] = {}
+
+
+def _cached(kind: str, key: str, make):
+    if _CACHE.get(kind + ".key") != key:
+        _CACHE[kind + ".key"], _CACHE[kind] = key, make()
+    return _CACHE[kind]
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -45,19 +52,16 @@ def partition_of(context: Context) -> tuple[int, int]:
 
 
 def client_state(config: RunConfig, pid: int) -> tuple[ClientData, Engine]:
-    """This node's data and engine for ``config`` (built once per run and node)."""
+    """Client ``pid``'s data and an engine for ``config`` (data and model built once per run)."""
     from ..runs import build_model_for, client_partitions
 
     # everything but round-to-round bookkeeping decides the data and the model
-    key = json.dumps({**config.to_dict(), "threads": None, "description": None}, sort_keys=True) + f"#{pid}"
-    if key not in _STATE:
-        _STATE.clear()
-        train, _, parts = client_partitions(config)
-        shape = tuple(train.x.shape[1:])
-        model = FlatModel(build_model_for(config, shape, train.num_classes))
-        _STATE[key] = (ClientData(pid, train.subset(parts[pid]), config.seed),
-                       Engine(model, config.compute_engine(), config.probe_block))
-    return _STATE[key]
+    key = json.dumps({**config.to_dict(), "threads": None, "description": None, "rounds": None}, sort_keys=True)
+    train, _, parts = _cached("data", key, lambda: client_partitions(config))
+    engine = _cached("engine", key, lambda: Engine(
+        FlatModel(build_model_for(config, tuple(train.x.shape[1:]), train.num_classes)),
+        config.compute_engine(), config.probe_block))
+    return ClientData(pid, train.subset(parts[pid]), config.seed), engine
 
 
 @app.query()

@@ -18,6 +18,7 @@ Run config (``flwr run ... --run-config``, defaults in this folder's pyproject.t
 """
 from __future__ import annotations
 
+import threading
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -38,14 +39,20 @@ from .task import (WireError, adverts_record, decode_identity, decode_reply, dec
 app = ServerApp()
 
 NODE_POLL_SECONDS = 0.5
+REPLY_POLL_SECONDS = 0.05  # how often the server looks for replies (Flower's HTTP grid sleeps 3 s)
+
+
+class Stopped(Exception):
+    """The run was asked to stop (Ctrl-C) while waiting for nodes: the round is abandoned unrecorded."""
 
 
 class FlowerClients:
     """:class:`baffle.simulation.RemoteClients` over a Flower ``Grid``: client c is the
     node whose node config says ``partition-id = c``."""
 
-    def __init__(self, grid: Grid, config: RunConfig, n: int):
+    def __init__(self, grid: Grid, config: RunConfig, n: int, stop: threading.Event | None = None):
         self.grid = grid
+        self.stop = stop or threading.Event()
         self.config = config
         self.length = config.algorithm().uplink_floats(n)
         self.node_of: dict[int, int] = {}  # client (partition-id) -> node id
@@ -62,9 +69,24 @@ class FlowerClients:
                 return self.node_of
             time.sleep(NODE_POLL_SECONDS)
 
+    def send_and_receive(self, msgs: list[Message]) -> list[Message]:
+        """Push ``msgs``; the replies that arrive within reply_timeout (raises Stopped on stop)."""
+        pending = set(self.grid.push_messages(msgs))
+        deadline = time.monotonic() + self.config.reply_timeout
+        replies: list[Message] = []
+        while pending and time.monotonic() < deadline:
+            if self.stop.is_set():
+                raise Stopped("stopped while waiting for replies")
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            if pending:
+                time.sleep(REPLY_POLL_SECONDS)
+        return replies
+
     def _identify(self, nodes: list[int]) -> None:
         msgs = [Message(content=RecordDict(), dst_node_id=i, message_type="query") for i in nodes]
-        for reply in self.grid.send_and_receive(msgs, timeout=self.config.reply_timeout):
+        for reply in self.send_and_receive(msgs):
             src = reply.metadata.src_node_id
             self.seen.add(src)
             if reply.has_error():
@@ -91,8 +113,7 @@ class FlowerClients:
         content = RecordDict(plan_records(plan, self.config))
         msgs = {c: Message(content=content, dst_node_id=self.node_of[c], message_type="train")
                 for c in chosen if c in self.node_of}
-        replies = {r.metadata.src_node_id: r
-                   for r in self.grid.send_and_receive(list(msgs.values()), timeout=self.config.reply_timeout)}
+        replies = {r.metadata.src_node_id: r for r in self.send_and_receive(list(msgs.values()))}
         for c in chosen:
             if c not in msgs:
                 yield c, f"train: no node has partition-id {c}"
@@ -114,8 +135,7 @@ class FlowerClients:
         """Send each client its message of ``phase``; the contents of the replies that came back."""
         msgs = {c: Message(content=RecordDict(records(c)), dst_node_id=self.node_of[c],
                            message_type=f"train.{phase}") for c in clients}
-        replies = {r.metadata.src_node_id: r
-                   for r in self.grid.send_and_receive(list(msgs.values()), timeout=self.config.reply_timeout)}
+        replies = {r.metadata.src_node_id: r for r in self.send_and_receive(list(msgs.values()))}
         out = {}
         for c in clients:
             reply = replies.get(self.node_of[c])
@@ -186,10 +206,11 @@ class FlowerClients:
 
 
 def serve(grid: Grid, config: RunConfig, out: Path, *, resume: bool = False, setup: runs.Setup | None = None,
-          on_round: Callable[[dict], None] | None = None) -> dict:
-    """Run ``config`` to the end with its clients on ``grid``'s nodes; return the summary."""
+          on_round: Callable[[dict], None] | None = None, stop: threading.Event | None = None) -> dict:
+    """Run ``config`` to the end with its clients on ``grid``'s nodes; return the summary.
+    Setting ``stop`` abandons the round in progress (nothing of it is written) with Stopped."""
     setup = setup or runs.build(config)
-    clients = FlowerClients(grid, config, setup.simulator.n)
+    clients = FlowerClients(grid, config, setup.simulator.n, stop)
     found = clients.discover(wait=config.reply_timeout)
     log(INFO, "baffle: %d of %d clients have a node", len(found), config.num_clients)
     setup.simulator.use_remote(clients)

@@ -8,6 +8,7 @@ of them at a time, one torch thread each.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -27,12 +28,13 @@ def run(config: RunConfig, out: Path, *, resume: bool, setup, on_round: Callable
     from .server_app import serve
 
     outcome: dict = {}
+    stop = threading.Event()
     server = ServerApp()
 
     @server.main()
     def _main(grid, context) -> None:
         try:
-            outcome["summary"] = serve(grid, config, out, resume=resume, setup=setup, on_round=on_round)
+            outcome["summary"] = serve(grid, config, out, resume=resume, setup=setup, on_round=on_round, stop=stop)
         except BaseException as e:  # handed to the caller, which reports it like the in-process engines
             outcome["error"] = e
 
@@ -44,6 +46,9 @@ def run(config: RunConfig, out: Path, *, resume: bool, setup, on_round: Callable
     try:
         run_simulation(server, client_app or default_client_app, num_supernodes=config.num_clients,
                        backend_name="ray", backend_config=backend)
+    except KeyboardInterrupt:
+        stop.set()  # the ServerApp thread abandons its round unwritten; the checkpoint is the last full round
+        raise
     finally:
         FLOWER_LOGGER.setLevel(level)
     if "error" in outcome:
