@@ -8,19 +8,22 @@ Node config (``flower-supernode --node-config``; the simulation sets the first t
 On "train" the node rebuilds the run's partition from the config in the plan (the
 same seeded split as the server and the in-process simulator), takes its own part,
 and calls :func:`baffle.modes.client_update`: for BAFFLE, forward passes only, K
-scalars back in FedSGD. Anything that goes wrong raises, and Flower returns the
+scalars back in FedSGD. The node keeps its own examples in its Flower context state
+(``baffle-data``), so later rounds skip decoding the dataset. Anything that goes wrong raises, and Flower returns the
 error to the server, which leaves this client out of the round and logs why.
 """
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..aggregation.secure import ProtocolAbort, SecureAggClient
 from ..config import RunConfig
+from ..data import ArrayDataset
 from ..engine import Engine
 from ..flatmodel import FlatModel
 from ..modes import ClientData, client_update
@@ -31,6 +34,7 @@ app = ClientApp()
 
 # what a worker process keeps between messages of one run: the run's data and partition,
 # and the model/engine (a simulation worker serves many virtual nodes in turn)
+NODE_DATA = "baffle-data"  # the node's own examples, in its context state
 _CACHE: dict[str, object] = {}
 
 
@@ -51,17 +55,37 @@ def partition_of(context: Context) -> tuple[int, int]:
     return pid, parts
 
 
-def client_state(config: RunConfig, pid: int) -> tuple[ClientData, Engine]:
-    """Client ``pid``'s data and an engine for ``config`` (data and model built once per run)."""
-    from ..runs import build_model_for, client_partitions
+def data_key(config: RunConfig) -> str:
+    """The config fields that decide the data and the model (not round-to-round bookkeeping)."""
+    return json.dumps({**config.to_dict(), "threads": None, "description": None, "rounds": None}, sort_keys=True)
 
-    # everything but round-to-round bookkeeping decides the data and the model
-    key = json.dumps({**config.to_dict(), "threads": None, "description": None, "rounds": None}, sort_keys=True)
+
+def client_data(config: RunConfig, pid: int, context: Context) -> ArrayDataset:
+    """Client ``pid``'s examples. Derived once from the run's seeded partition, then kept
+    in the node's context state: a deployed node runs each message in a fresh process
+    and would otherwise decode the whole dataset every round."""
+    from ..runs import client_partitions
+
+    key = data_key(config)
+    kept = context.state[NODE_DATA] if NODE_DATA in context.state else None
+    if kept is not None and kept["key"].numpy().tobytes().decode() == key:
+        x, y = torch.from_numpy(kept["x"].numpy().copy()), torch.from_numpy(kept["y"].numpy().copy())
+        return ArrayDataset(x, y, int(kept["classes"].numpy()[0]), config.dataset)
     train, _, parts = _cached("data", key, lambda: client_partitions(config))
-    engine = _cached("engine", key, lambda: Engine(
-        FlatModel(build_model_for(config, tuple(train.x.shape[1:]), train.num_classes)),
+    data = train.subset(parts[pid])
+    context.state[NODE_DATA] = ArrayRecord(array_dict={
+        "key": Array(np.frombuffer(key.encode(), np.uint8)), "x": Array(data.x.numpy()), "y": Array(data.y.numpy()),
+        "classes": Array(np.array([data.num_classes], np.int64))})
+    return data
+
+
+def client_engine(config: RunConfig, data: ArrayDataset) -> Engine:
+    """The run's model (weights come with each plan) in an engine, built once per process."""
+    from ..runs import build_model_for
+
+    return _cached("engine", data_key(config), lambda: Engine(
+        FlatModel(build_model_for(config, tuple(data.x.shape[1:]), data.num_classes)),
         config.compute_engine(), config.probe_block))
-    return ClientData(pid, train.subset(parts[pid]), config.seed), engine
 
 
 @app.query()
@@ -76,8 +100,9 @@ def compute(msg: Message, context: Context) -> RecordDict:
     if parts != config.num_clients:
         raise ValueError(f"this node has num-partitions {parts}, the run has num_clients {config.num_clients}")
     torch.set_num_threads(int(context.node_config.get("threads", 1)))
-    data, engine = client_state(config, pid)
-    upload, stats = client_update(engine, data, plan, config.algorithm())
+    data = client_data(config, pid, context)
+    upload, stats = client_update(client_engine(config, data), ClientData(pid, data, config.seed), plan,
+                                  config.algorithm())
     return encode_reply(upload, stats, len(data))
 
 
