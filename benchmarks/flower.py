@@ -1,23 +1,25 @@
 """In-process simulator vs Flower simulation vs Flower deployment: same run, three engines.
 
-    .venv/bin/python benchmarks/flower.py [--rounds 10] [--clients 4] [--dataset mnist]
+    .venv/bin/python benchmarks/flower.py [--rounds 10] [--clients 4] [--secure]
 
-One config (preset quick: MNIST, LeNet, FedSGD BAFFLE, K=20; ``--clients`` clients,
-clients_per_forward 1, evaluated every round, same seed) run three ways, one after
-the other on this machine:
+One config (preset table1-lenet-mnist-k100, i.e. the paper's MNIST LeNet epoch-level
+BAFFLE, cut to K=20 and 25 local steps a round so that a round takes seconds;
+``--clients`` iid clients, clients_per_forward 1, the eager loop engine, evaluated
+every round, same seed) run three ways, one after the other on this machine:
   1. in process     ``baffle run --engine loop``
   2. Flower sim     ``baffle run --engine flower`` (Ray backend, one virtual SuperNode per client)
   3. Flower deploy  flower-superlink + one flower-supernode per client on loopback, ``flwr run``
-and, with ``--secure``, 2 and 3 again with secure aggregation.
+and, with ``--secure``, all three again with secure aggregation.
 For each: final and per-round test accuracy (agreement with the in-process run),
-seconds per round (median over rounds 2.., from metrics.jsonl), start-up (wall from
-launching the command to the first round's start, i.e. total wall - sum of round times).
+seconds per round (median, from metrics.jsonl), the first round, and start-up (wall
+from launching the command to the first round's start: total wall - the rounds).
 Prints a table; writes benchmarks/results/flower.{txt,json}.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,9 +33,12 @@ from baffle.flower.task import OFFLINE_ENV
 RESULTS = Path(__file__).parent / "results"
 
 
+PRESET = "table1-lenet-mnist-k100"
+
+
 def options(args, secure: bool) -> dict:
-    opts = {"dataset": args.dataset, "num-clients": args.clients, "rounds": args.rounds, "clients-per-forward": 1,
-            "eval-every": 1, "threads": 2}
+    opts = {"dataset": args.dataset, "num-clients": args.clients, "rounds": args.rounds, "num-perturbations": 20,
+            "local-steps": 25, "clients-per-forward": 1, "eval-every": 1, "threads": 2, "engine": "loop"}
     if secure:
         opts["secure-aggregation"] = "true"
     return opts
@@ -50,17 +55,18 @@ def summarise(name: str, run: Path, wall: float) -> dict:
 
 
 def baffle_run(name: str, engine: str, opts: dict, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "baffle.cli", "run", "--preset", "quick", "--engine", engine, "--out", str(out),
-           "--quiet", *[x for k, v in opts.items() for x in (f"--{k}", str(v))]]
+    opts = {**opts, "engine": engine}
+    cmd = [sys.executable, "-m", "baffle.cli", "run", "--preset", PRESET, "--out", str(out), "--quiet",
+           *[x for k, v in opts.items() for x in (f"--{k}", str(v))]]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, env={**__import__("os").environ, **OFFLINE_ENV})
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **OFFLINE_ENV})
     return summarise(name, out, time.perf_counter() - t0)
 
 
 def deploy_run(name: str, opts: dict, out: Path, home: Path, clients: int) -> dict:
     t0 = time.perf_counter()
     with LocalDeployment(nodes=clients, home=home) as fed:
-        done = fed.run(out, " ".join(f"{k}={v}" for k, v in opts.items()))
+        done = fed.run(out, " ".join(f"{k}={v}" for k, v in opts.items()), preset=PRESET)
     if done.returncode != 0:
         raise RuntimeError(f"flwr run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return summarise(name, out, time.perf_counter() - t0)
@@ -84,8 +90,8 @@ def main() -> None:
                     baffle_run("Flower simulation, secure", "flower", secure, tmp / "sim-s"),
                     deploy_run("Flower deployment, secure", secure, tmp / "deploy-s", tmp / "home-s", args.clients)]
     ref = {False: results[0], True: results[3] if args.secure else None}
-    lines = [f"baffle on Flower: preset quick ({args.dataset}, LeNet, FedSGD BAFFLE K=20), {args.clients} clients, "
-             f"{args.rounds} rounds, clients_per_forward 1, same seed",
+    lines = [f"baffle on Flower: preset {PRESET} ({args.dataset}, LeNet, epoch-level BAFFLE) with K=20, 25 local "
+             f"steps, {args.clients} clients, {args.rounds} rounds, clients_per_forward 1, loop engine, same seed",
              "", "| engine | final test acc | max |acc - in process| over rounds | s / round (median) | "
              "first round s | start-up s | total wall s |", "|---|---|---|---|---|---|---|"]
     for r in results:

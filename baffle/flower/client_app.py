@@ -4,6 +4,10 @@ Node config (``flower-supernode --node-config``; the simulation sets the first t
     partition-id     which client of the run this node is (0 .. num-partitions - 1)
     num-partitions   must equal the run's num_clients
     threads          torch threads for this node's forward passes (default 1)
+    engine           how the node evaluates forward passes: loop (default) or compiled.
+                     A deployed node runs every message in a fresh process, where
+                     torch.compile (a few seconds) costs more than it saves; results
+                     agree to float rounding either way
 
 On "train" the node rebuilds the run's partition from the config in the plan (the
 same seeded split as the server and the in-process simulator), takes its own part,
@@ -24,7 +28,7 @@ from flwr.clientapp import ClientApp
 from ..aggregation.secure import ProtocolAbort, SecureAggClient
 from ..config import RunConfig
 from ..data import ArrayDataset
-from ..engine import Engine
+from ..engine import ENGINES, Engine
 from ..flatmodel import FlatModel
 from ..modes import ClientData, client_update
 from .task import (adverts_from, advert_to_record, decode_plan, decode_secagg, encode_identity, encode_reply,
@@ -79,13 +83,14 @@ def client_data(config: RunConfig, pid: int, context: Context) -> ArrayDataset:
     return data
 
 
-def client_engine(config: RunConfig, data: ArrayDataset) -> Engine:
-    """The run's model (weights come with each plan) in an engine, built once per process."""
+def client_engine(config: RunConfig, data: ArrayDataset, name: str) -> Engine:
+    """The run's model (weights come with each plan) in engine ``name``, built once per process."""
     from ..runs import build_model_for
 
-    return _cached("engine", data_key(config), lambda: Engine(
-        FlatModel(build_model_for(config, tuple(data.x.shape[1:]), data.num_classes)),
-        config.compute_engine(), config.probe_block))
+    if name not in ENGINES:
+        raise ValueError(f"node config engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    return _cached("engine", data_key(config) + name, lambda: Engine(
+        FlatModel(build_model_for(config, tuple(data.x.shape[1:]), data.num_classes)), name, config.probe_block))
 
 
 @app.query()
@@ -101,8 +106,8 @@ def compute(msg: Message, context: Context) -> RecordDict:
         raise ValueError(f"this node has num-partitions {parts}, the run has num_clients {config.num_clients}")
     torch.set_num_threads(int(context.node_config.get("threads", 1)))
     data = client_data(config, pid, context)
-    upload, stats = client_update(client_engine(config, data), ClientData(pid, data, config.seed), plan,
-                                  config.algorithm())
+    engine = client_engine(config, data, str(context.node_config.get("engine", "loop")))
+    upload, stats = client_update(engine, ClientData(pid, data, config.seed), plan, config.algorithm())
     return encode_reply(upload, stats, len(data))
 
 
