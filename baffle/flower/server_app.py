@@ -110,43 +110,38 @@ class FlowerClients:
     def work(self, chosen: list[int], plan: RoundPlan, sizes: Mapping[int, int]):
         if any(c not in self.node_of for c in chosen):
             self.discover(wait=0)  # a node may have joined since
-        content = RecordDict(plan_records(plan, self.config))
-        msgs = {c: Message(content=content, dst_node_id=self.node_of[c], message_type="train")
-                for c in chosen if c in self.node_of}
-        replies = {r.metadata.src_node_id: r for r in self.send_and_receive(list(msgs.values()))}
+        content = plan_records(plan, self.config)
+        replies, missing = self._exchange("train", [c for c in chosen if c in self.node_of], lambda c: content)
         for c in chosen:
-            if c not in msgs:
+            if c not in self.node_of:
                 yield c, f"train: no node has partition-id {c}"
-                continue
-            reply = replies.get(self.node_of[c])
-            if reply is None:
-                yield c, f"train: no reply within {self.config.reply_timeout:g} s (node {self.node_of[c]})"
-            elif reply.has_error():
-                yield c, f"train: node {self.node_of[c]} failed: {reply.error.reason.strip()[-300:]}"
+            elif c in missing:
+                yield c, missing[c]
             else:
                 try:
-                    yield c, decode_reply(reply.content, c, plan.round, self.length, sizes[c])
+                    yield c, decode_reply(replies[c], c, plan.round, self.length, sizes[c])
                 except WireError as e:
                     yield c, f"train: {e}"
 
-
-    def _exchange(self, phase: str, clients: list[int], records: Callable[[int], dict],
-                  rejected: list[str]) -> dict[int, RecordDict]:
-        """Send each client its message of ``phase``; the contents of the replies that came back."""
-        msgs = {c: Message(content=RecordDict(records(c)), dst_node_id=self.node_of[c],
-                           message_type=f"train.{phase}") for c in clients}
-        replies = {r.metadata.src_node_id: r for r in self.send_and_receive(list(msgs.values()))}
-        out = {}
+    def _exchange(self, phase: str, clients: list[int],
+                  records: Callable[[int], dict]) -> tuple[dict[int, RecordDict], dict[int, str]]:
+        """Send each client its message of ``phase`` ("train" or a "train.<phase>" action):
+        the contents of the replies that came back, and why the others did not."""
+        kind = "train" if phase == "train" else f"train.{phase}"
+        msgs = [Message(content=RecordDict(records(c)), dst_node_id=self.node_of[c], message_type=kind)
+                for c in clients]
+        replies = {r.metadata.src_node_id: r for r in self.send_and_receive(msgs)}
+        out, missing = {}, {}
         for c in clients:
-            reply = replies.get(self.node_of[c])
+            node = self.node_of[c]
+            reply = replies.get(node)
             if reply is None:
-                rejected.append(f"client {c}, {phase}: no reply within {self.config.reply_timeout:g} s")
+                missing[c] = f"{phase}: no reply within {self.config.reply_timeout:g} s (node {node})"
             elif reply.has_error():
-                rejected.append(f"client {c}, {phase}: node {self.node_of[c]} failed: "
-                                f"{reply.error.reason.strip()[-300:]}")
+                missing[c] = f"{phase}: node {node} failed: {reply.error.reason.strip()[-300:]}"
             else:
                 out[c] = reply.content
-        return out
+        return out, missing
 
     def secure_work(self, chosen: list[int], plan: RoundPlan, sizes: Mapping[int, int], config) -> SecureRound:
         """The round with baffle's secure aggregation carried over Flower messages.
@@ -167,6 +162,11 @@ class FlowerClients:
         header = {"secagg": encode_secagg(plan.round, config)}
         stats = {}
 
+        def exchange(phase: str, clients: list[int], records: Callable[[int], dict]) -> dict[int, RecordDict]:
+            replies, missing = self._exchange(phase, clients, records)
+            rejected.extend(f"client {c}, {why}" for c, why in missing.items())
+            return replies
+
         def admit(receive, decode, phase: str, replies: dict[int, RecordDict]) -> None:
             for c, content in replies.items():
                 try:
@@ -176,32 +176,30 @@ class FlowerClients:
 
         members = [c for c in chosen if c in self.node_of]
         admit(server.receive_advert, record_to_advert, "secagg_advertise",
-              self._exchange("secagg_advertise", members, lambda c: header, rejected))
+              exchange("secagg_advertise", members, lambda c: header))
         adverts = server.broadcast_adverts()
         if adverts:
             shared = {**header, "adverts": adverts_record(adverts)}
             admit(server.receive_shares, record_to_shares, "secagg_share",
-                  self._exchange("secagg_share", [a.client for a in adverts], lambda c: shared, rejected))
+                  exchange("secagg_share", [a.client for a in adverts], lambda c: shared))
         routed = server.routed_shares()
         if routed:
             round_plan = {**header, **plan_records(plan, self.config)}
-
-            def masked(content: RecordDict, c: int):
-                s = decode_stats(content, c, sizes[c])
-                msg = record_to_masked(content, c)
+            replies = exchange("secagg_masked", sorted(routed),
+                               lambda c: {**round_plan, "routed": routed_record(routed[c], sizes[c] / total)})
+            for c, content in replies.items():
+                try:
+                    accounting, msg = decode_stats(content, c, sizes[c]), record_to_masked(content, c)
+                except WireError as e:
+                    rejected.append(f"client {c}, secagg_masked: {e}")
+                    continue
                 if server.receive_masked(msg) is None:
-                    stats[c] = s
-                return msg
-
-            admit(lambda m: None, masked, "secagg_masked",
-                  self._exchange("secagg_masked", sorted(routed),
-                                 lambda c: {**round_plan, "routed": routed_record(routed[c], sizes[c] / total)},
-                                 rejected))
+                    stats[c] = accounting
         request = server.unmask_request()
         if request is not None:
             asked = {**header, "request": request_record(request)}
             admit(server.receive_unmask, record_to_unmask, "secagg_unmask",
-                  self._exchange("secagg_unmask", list(request.survivors), lambda c: asked, rejected))
+                  exchange("secagg_unmask", list(request.survivors), lambda c: asked))
         return SecureRound(server.finish(), stats, tuple(rejected), self.length)
 
 
