@@ -32,3 +32,8 @@ PAPER: dict[str, PaperCell] = {
 
 #: Table 1's MNIST LeNet accuracies: the thresholds of the "forward passes to reach" table.
 LENET_MNIST_TARGETS = (87.27, 89.48, 92.18)
+
+#: The paper's K=500 MNIST LeNet run (Table 1), in client forward passes on one batch each:
+#: 20 rounds x 10 clients x 6000 // 32 = 187 local steps (full batches, as our epochs) x (K + 1) = 501.
+PAPER_K500_BUDGET = "20 rounds x 10 clients x 187 steps of batch 32 x 501 forwards"
+PAPER_K500_FORWARD_PASSES = 20 * 10 * 187 * 501

@@ -3,7 +3,7 @@ import json
 import shutil
 
 from baffle.paper import PAPER
-from baffle.report import first_reaching, load_run
+from baffle.report import SECTIONS, Run, _sections, first_reaching, load_run, render
 from test_cli import SMALL, baffle
 
 
@@ -14,8 +14,10 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     config = json.loads((done / "config.json").read_text())
     config["preset"], config["dataset"] = "table1-lenet-mnist-k100", "mnist"
     (done / "config.json").write_text(json.dumps(config))
+    (done / "notes.md").write_text("Ran on a quiet machine.\n")
     partial = tmp_path / "partial"
     shutil.copytree(done, partial)
+    (partial / "notes.md").unlink()
     (partial / "summary.json").unlink()
     lines = (partial / "metrics.jsonl").read_text().splitlines()
     (partial / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
@@ -30,15 +32,23 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     row, reach = rows
     expected = [first_reaching(load_run(done), t) for t in (87.27, 89.48, 92.18)]
     assert reach.count("not reached in 4 rounds") == sum(m is None for m in expected)
+    for m in expected:  # the share of the paper's K=500 forward passes (20 x 10 x 187 x 501)
+        if m is not None:
+            assert f"{m['forward_passes']:.3g} ({m['forward_passes'] / 18737400:.1%}), round {m['round']}," in reach
     assert "| 4/4 |" in row and f"{100 * final:.2f}%" in row
     assert f"{cell.top1:.2f}% (Table 1, LeNet MNIST, K=100)" in row and f"{100 * final - cell.top1:+.2f} |" in row
     row = next(line for line in text.splitlines() if line.startswith("| partial |"))
     assert "2/4 (partial)" in row and "(partial) |" in row
-    for png in ("accuracy_rounds.png", "accuracy_forward_passes.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # both runs are the table1 family: one section, its two plots, the note under it
+    assert text.count("\n## Table 1: iid, epoch level") == 1 and "\n## Other runs" not in text
+    for png in ("table1_rounds.png", "table1_forward_passes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in text
+    assert sorted(p.name for p in out.glob("*.png")) == ["table1_forward_passes.png", "table1_rounds.png"]
+    assert "**table1-lenet-mnist-k100**: Ran on a quiet machine." in text and "**partial**" not in text
     kept = out / "runs"
     assert sorted(p.name for p in (kept / "partial").iterdir()) == ["config.json", "metrics.jsonl"]
     assert (kept / "table1-lenet-mnist-k100" / "summary.json").is_file()
+    assert (kept / "table1-lenet-mnist-k100" / "notes.md").is_file()
     # rebuilt from the kept copies alone: the same report
     baffle("report", kept / done.name, kept / "partial", "--out", out)
     assert (out / "README.md").read_text() == text
@@ -54,3 +64,18 @@ def test_first_reaching_and_bad_input(tmp_path):
     out = baffle("report", tmp_path, "--out", tmp_path / "rep", check=False)
     assert out.returncode == 2 and f"{tmp_path} is not a run directory: no config.json" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()
+
+
+def test_sections_group_runs_by_preset_family():
+    def run(name, preset):
+        return Run(name, {"preset": preset, "model": "lenet", "dataset": "mnist"}, [], False)
+
+    runs = [run("a", "quick"), run("b", "noniid-lenet-mnist-k200"), run("c", "table1-lenet-mnist-bp"),
+            run("d", None), run("e", "fig2-lenet-mnist-fedsgd-k100"), run("f", "table1-wrn-mnist-k100")]
+    assert [(s, [r.name for r in g]) for s, g in _sections(runs)] == [
+        ("table1", ["c", "f"]), ("fig2", ["e"]), ("noniid", ["b"]), ("other", ["a", "d"])]
+    text = render(runs)
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "other")] + [
+        "## Forward passes to first reach the paper's MNIST LeNet accuracies"]
+    assert "| c | lenet mnist" in text and "| 0/None (partial) |" in text  # no metrics yet: nothing invented
