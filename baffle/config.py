@@ -199,11 +199,22 @@ def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r} (see `baffle presets`: {', '.join(preset_names())})")
+    values = read_json_object(path, f"preset {name!r}")
+    values["preset"] = name
+    return values
+
+
+def read_json_object(path: Path, context: str) -> dict[str, Any]:
+    """The JSON object stored at ``path``; a one-line ConfigError "<context>: ..." when it is
+    missing, corrupt or not an object."""
+    if not path.is_file():
+        raise ConfigError(f"{context}: no {path.name} there")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"preset {name!r} is not valid JSON: {e}") from None
-    values["preset"] = name
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{context}: {path.name} is corrupt ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{context}: {path.name} is not a JSON object")
     return values
 
 

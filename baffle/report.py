@@ -16,12 +16,11 @@ nothing is extrapolated.
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, read_json_object
 from .paper import LENET_MNIST_TARGETS, PAPER, PAPER_K500_BUDGET, PAPER_K500_FORWARD_PASSES
 from .runs import CONFIG, METRICS, SUMMARY, atomic_write, read_metrics
 
@@ -44,13 +43,7 @@ class Run:
 
 def load_run(path: Path) -> Run:
     """A run directory's config and metrics (raises ConfigError naming what is missing)."""
-    cfg = path / CONFIG
-    if not cfg.is_file():
-        raise ConfigError(f"{path} is not a run directory: no {CONFIG}")
-    try:
-        config = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg} is corrupt ({e})") from None
+    config = read_json_object(path / CONFIG, f"{path} is not a run directory")
     metrics = read_metrics(path / METRICS, upto=10**12)
     finished = (path / SUMMARY).is_file() and bool(metrics) and metrics[-1]["round"] == config.get("rounds")
     return Run(path.resolve().name, config, metrics, finished)

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, read_json_object
 from .data import DataError, label_summary, load_dataset, partition
 from .models import ModelSpec, build_model
 from .modes import TAG_INIT, TAG_DATA
@@ -160,16 +160,8 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
 
 def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
     """The stored config of run directory ``out``; ``config`` (if given) must match it."""
-    cfg_path = out / CONFIG
-    if not cfg_path.is_file():
-        raise ConfigError(f"cannot resume {out}: no {CONFIG} there")
-    try:
-        values = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot resume {out}: {CONFIG} is corrupt ({e})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"cannot resume {out}: {CONFIG} is not a JSON object")
-    stored = RunConfig.from_dict(values, source=str(cfg_path)).validate()
+    values = read_json_object(out / CONFIG, f"cannot resume {out}")
+    stored = RunConfig.from_dict(values, source=str(out / CONFIG)).validate()
     if config is not None and config != stored:
         a, b = stored.to_dict(), config.to_dict()
         diff = next(k for k in a if a[k] != b[k])

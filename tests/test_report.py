@@ -2,6 +2,9 @@
 import json
 import shutil
 
+import pytest
+
+from baffle.config import ConfigError, read_json_object
 from baffle.paper import PAPER
 from baffle.report import SECTIONS, Run, _sections, first_reaching, load_run, render
 from test_cli import SMALL, baffle
@@ -79,3 +82,17 @@ def test_sections_group_runs_by_preset_family():
     assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "other")] + [
         "## Forward passes to first reach the paper's MNIST LeNet accuracies"]
     assert "| c | lenet mnist" in text and "| 0/None (partial) |" in text  # no metrics yet: nothing invented
+
+
+def test_read_json_object_names_the_file_and_the_fault(tmp_path):
+    path = tmp_path / "config.json"
+    with pytest.raises(ConfigError, match=r"^cannot resume X: no config.json there$"):
+        read_json_object(path, "cannot resume X")
+    path.write_text('{"rounds": ')
+    with pytest.raises(ConfigError, match=r"^cannot resume X: config.json is corrupt \(Expecting value"):
+        read_json_object(path, "cannot resume X")
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"^cannot resume X: config.json is not a JSON object$"):
+        read_json_object(path, "cannot resume X")
+    path.write_text('{"rounds": 3}')
+    assert read_json_object(path, "cannot resume X") == {"rounds": 3}
