@@ -53,9 +53,11 @@ class RunConfig:
     local_steps: int = 0
     client_optimizer: str = "adam"
     client_lr: float = 0.01
+    client_weight_decay: float = 0.0
     # the server (see baffle.server.ServerOptions)
     server_optimizer: str = "adam"
     server_lr: float = 0.01
+    server_weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
     ema_decay: float = 0.0
@@ -90,7 +92,7 @@ class RunConfig:
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(self.server_optimizer, self.server_lr, (self.beta1, self.beta2), self.ema_decay,
-                             self.lr_schedule, self.rounds)
+                             self.lr_schedule, self.rounds, self.server_weight_decay)
 
     def secure_options(self) -> SecureOptions | None:
         if not self.secure_aggregation:
@@ -141,6 +143,9 @@ class RunConfig:
                               f"with engine flower use onnx_clients 0, got {self.onnx_clients}")
         if self.onnx_clients and (self.mode, self.method) != ("fedsgd", "baffle"):
             raise ConfigError(f"onnx_clients need mode fedsgd with method baffle, got {self.mode}/{self.method}")
+        if self.client_weight_decay and self.mode != "fedavg":
+            raise ConfigError(f"client_weight_decay acts on FedAvg's local steps; with mode {self.mode} "
+                              f"the server takes the steps (server_weight_decay), got {self.client_weight_decay}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
         return self

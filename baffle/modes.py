@@ -53,6 +53,7 @@ class Algorithm:
     local_steps: int = 0  # FedAvg: cap on local steps per round (0 = full epochs)
     client_optimizer: str = "adam"
     client_lr: float = 0.01
+    client_weight_decay: float = 0.0  # FedAvg: L2 coefficient added to the local gradient
     betas: tuple[float, float] = (0.9, 0.99)
     probe_block: int = 8
 
@@ -70,6 +71,7 @@ class Algorithm:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
         if not (self.client_lr > 0 and np.isfinite(self.client_lr)):
             raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
+        check_weight_decay("client_weight_decay", self.client_weight_decay)
         for b in self.betas:
             if not 0 <= b < 1:
                 raise ValueError(f"betas must be in [0, 1), got {self.betas}")
@@ -89,12 +91,21 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(options)})")
 
 
-def make_optimizer(name: str, param: torch.nn.Parameter, lr: float, betas: tuple[float, float]):
-    """SGD or Adam over one flat parameter (no hidden schedule, clipping or decay)."""
+def check_weight_decay(name: str, value: float) -> None:
+    if not (value >= 0 and np.isfinite(value)):
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def make_optimizer(name: str, param: torch.nn.Parameter, lr: float, betas: tuple[float, float],
+                   weight_decay: float = 0.0):
+    """SGD or Adam over one flat parameter (no hidden schedule or clipping).
+
+    ``weight_decay`` lambda is coupled L2, as torch's: the step uses g + lambda W (0: none).
+    """
     _choice("optimizer", name, OPTIMIZERS)
     if name == "adam":
-        return torch.optim.Adam([param], lr=lr, betas=betas)
-    return torch.optim.SGD([param], lr=lr)
+        return torch.optim.Adam([param], lr=lr, betas=betas, weight_decay=weight_decay)
+    return torch.optim.SGD([param], lr=lr, weight_decay=weight_decay)
 
 
 # ---- wire messages ------------------------------------------------------------------
@@ -221,7 +232,7 @@ def local_steps(data: ClientData, algo: Algorithm) -> int:
 
 def _fedavg_client(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm):
     w = torch.nn.Parameter(plan.weights.clone())
-    opt = make_optimizer(algo.client_optimizer, w, algo.client_lr, algo.betas)
+    opt = make_optimizer(algo.client_optimizer, w, algo.client_lr, algo.betas, algo.client_weight_decay)
     steps = local_steps(data, algo)
     step_seed = derive_seed(plan.seed, TAG_LOCAL, data.client)
     forwards = 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modes import OPTIMIZERS, _choice, make_optimizer
+from .modes import OPTIMIZERS, _choice, check_weight_decay, make_optimizer
 
 SCHEDULES = ("constant", "cosine")
 
@@ -33,6 +33,7 @@ class ServerOptions:
     ema_decay: float = 0.0  # 0 disables the EMA
     schedule: str = "constant"  # or "cosine" over total_steps
     total_steps: int = 0  # server steps in the run (needed by "cosine")
+    weight_decay: float = 0.0  # coupled L2 on W in the server's step (0: none)
 
     def __post_init__(self) -> None:
         _choice("server_optimizer", self.optimizer, OPTIMIZERS)
@@ -41,6 +42,7 @@ class ServerOptions:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _choice("lr_schedule", self.schedule, SCHEDULES)
+        check_weight_decay("server_weight_decay", self.weight_decay)
         if self.schedule == "cosine" and self.total_steps < 1:
             raise ValueError(f"the cosine schedule needs total_steps >= 1, got {self.total_steps}")
 
@@ -56,7 +58,7 @@ class Server:
     def __init__(self, w0: torch.Tensor, options: ServerOptions):
         self.options = options
         self.w = torch.nn.Parameter(w0.detach().clone().to(torch.float32))
-        self.opt = make_optimizer(options.optimizer, self.w, options.lr, options.betas)
+        self.opt = make_optimizer(options.optimizer, self.w, options.lr, options.betas, options.weight_decay)
         self.ema_sum = torch.zeros_like(self.w.detach())
         self.steps = 0
 

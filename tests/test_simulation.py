@@ -118,6 +118,31 @@ def test_ema_uses_exactly_its_decay():
     assert not torch.equal(server.eval_weights(), server.weights)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_is_coupled_l2(optimizer):
+    """One step with decay lambda equals one step without it on the gradient g + lambda W (exact)."""
+    w0, g, lam = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.1, -0.2]), 0.05
+    decayed = Server(w0, ServerOptions(optimizer, 0.1, weight_decay=lam))
+    plain = Server(w0, ServerOptions(optimizer, 0.1))
+    decayed.step(g)
+    plain.step(g + lam * w0)
+    torch.testing.assert_close(decayed.weights, plain.weights, rtol=0, atol=0)
+    assert not torch.equal(decayed.weights, Server(w0, ServerOptions(optimizer, 0.1)).weights)
+
+
+def test_fedavg_client_weight_decay_shrinks_the_local_step_by_lr_lambda_w(synth):
+    """One local SGD step: the upload moves by exactly lr * lambda * W0 (float32 rounding)."""
+    def upload(decay):
+        sim = make_sim(synth, mode="fedavg", method="backprop", client_optimizer="sgd", client_lr=0.1,
+                       local_steps=1, client_weight_decay=decay, server=ServerOptions("sgd", 1.0))
+        plan = RoundPlan(0, 1, sim.server.weights.clone())
+        return client_update(sim.engine, sim.clients[0], plan, sim.algorithm)[0].vector, plan.weights
+
+    plain, w0 = upload(0.0)
+    decayed, _ = upload(0.5)
+    torch.testing.assert_close((plain - decayed).abs(), 0.1 * 0.5 * w0.abs(), rtol=1e-4, atol=1e-6)
+
+
 def test_server_refuses_non_finite_update():
     server = Server(torch.zeros(2), ServerOptions())
     with pytest.raises(FloatingPointError):
