@@ -54,7 +54,7 @@ NOTES = "notes.md"
 
 #: Report sections: a preset family (the preset name's first word) and its heading.
 SECTIONS = {
-    "table1": "Table 1: iid, epoch level (FedAvg), 10 clients, 20 rounds",
+    "table1": "Table 1: MNIST, 10 iid clients, 20 epochs of each client's data (fedavg: 20 rounds)",
     "ablation": "Table 1 ablations: MNIST LeNet, K=100 setting",
     "fig2": "Figure 2: batch level (FedSGD), accuracy against rounds and forward passes",
     "noniid": "Label non-iid: Dirichlet alpha 0.3, 100 clients, MNIST LeNet",

@@ -43,7 +43,7 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| partial |"))
     assert "2/4 (partial)" in row and "(partial) |" in row
     # both runs are the table1 family: one section, its two plots, the note under it
-    assert text.count("\n## Table 1: iid, epoch level") == 1 and "\n## Other runs" not in text
+    assert text.count("\n## Table 1: MNIST, 10 iid clients") == 1 and "\n## Other runs" not in text
     for png in ("table1_rounds.png", "table1_forward_passes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in text
     assert sorted(p.name for p in out.glob("*.png")) == ["table1_forward_passes.png", "table1_rounds.png"]
