@@ -91,8 +91,9 @@ class RunConfig:
         return Algorithm(**{name: getattr(self, name) for name in same}, betas=(self.beta1, self.beta2))
 
     def server_options(self) -> ServerOptions:
-        return ServerOptions(self.server_optimizer, self.server_lr, (self.beta1, self.beta2), self.ema_decay,
-                             self.lr_schedule, self.rounds, self.server_weight_decay)
+        return ServerOptions(optimizer=self.server_optimizer, lr=self.server_lr, betas=(self.beta1, self.beta2),
+                             ema_decay=self.ema_decay, schedule=self.lr_schedule, total_steps=self.rounds,
+                             weight_decay=self.server_weight_decay)
 
     def secure_options(self) -> SecureOptions | None:
         if not self.secure_aggregation:

@@ -94,5 +94,9 @@ class Server:
         with torch.no_grad():
             self.w.copy_(state["w"])
         self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:  # the options, not the snapshot's copy of them, rule the next step
+            group["weight_decay"] = self.options.weight_decay
+            if "betas" in group:
+                group["betas"] = self.options.betas
         self.ema_sum.copy_(state["ema_sum"])
         self.steps = int(state["steps"])

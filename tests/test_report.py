@@ -37,8 +37,10 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     assert reach.count("not reached in 4 rounds") == sum(m is None for m in expected)
     for m in expected:  # the share of the paper's K=500 forward passes (20 x 10 x 187 x 501)
         if m is not None:
-            assert f"{m['forward_passes']:.3g} ({m['forward_passes'] / 18737400:.1%}), round {m['round']}," in reach
-    assert "| 4/4 |" in row and f"{100 * final:.2f}%" in row
+            assert f"{m['forward_passes']:.3g} ({100 * m['forward_passes'] / 18737400:.3g}%), round {m['round']}," in reach
+    assert "| 4/4 |" in row and f"| {100 * final:.2f}% |" in row
+    # the tiny run is not what the preset says: the row says so, naming the changed fields
+    assert "**changed from the preset: " in row and "num_perturbations=" in row and "rounds=4" in row
     assert f"{cell.top1:.2f}% (Table 1, LeNet MNIST, K=100)" in row and f"{100 * final - cell.top1:+.2f} |" in row
     row = next(line for line in text.splitlines() if line.startswith("| partial |"))
     assert "2/4 (partial)" in row and "(partial) |" in row
@@ -55,6 +57,10 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     # rebuilt from the kept copies alone: the same report
     baffle("report", kept / done.name, kept / "partial", "--out", out)
     assert (out / "README.md").read_text() == text
+    # a note written in a kept copy survives a rebuild from the run directory, which has none
+    (kept / "partial" / "notes.md").write_text("Written in the repository.\n")
+    baffle("report", done, partial, "--out", out)
+    assert "**partial**: Written in the repository." in (out / "README.md").read_text()
 
 
 def test_first_reaching_and_bad_input(tmp_path):
@@ -65,7 +71,7 @@ def test_first_reaching_and_bad_input(tmp_path):
     assert first_reaching(r, 100 * top)["test_top1"] == top
     assert first_reaching(r, 100 * top + 0.01) is None
     out = baffle("report", tmp_path, "--out", tmp_path / "rep", check=False)
-    assert out.returncode == 2 and f"{tmp_path} is not a run directory: no config.json" in out.stderr
+    assert out.returncode == 2 and f"cannot read run directory {tmp_path}: no config.json there" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()
 
 
@@ -81,7 +87,11 @@ def test_sections_group_runs_by_preset_family():
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "other")] + [
         "## Forward passes to first reach the paper's MNIST LeNet accuracies"]
-    assert "| c | lenet mnist" in text and "| 0/None (partial) |" in text  # no metrics yet: nothing invented
+    assert "| c | lenet mnist" in text and "| 0/? (partial) | - |" in text  # no metrics yet: nothing invented
+    bp = Run("bp", {"model": "lenet", "dataset": "mnist", "method": "backprop", "rounds": 2},
+             [{"round": 1, "test_top1": 0.95, "forward_passes": 100, "backward_passes": 100, "wall_seconds": 60}], False)
+    reach = next(line for line in render([bp]).splitlines() if line.startswith("| bp | 100 "))
+    assert reach.startswith("| bp | 100 (0.000534%) + 100 backward, round 1, 1.0 min |")
 
 
 def test_read_json_object_names_the_file_and_the_fault(tmp_path):

@@ -120,14 +120,29 @@ def test_ema_uses_exactly_its_decay():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_weight_decay_is_coupled_l2(optimizer):
-    """One step with decay lambda equals one step without it on the gradient g + lambda W (exact)."""
-    w0, g, lam = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.1, -0.2]), 0.05
+    """Steps with decay lambda equal steps without it on the gradient g + lambda W_t (exact), and differ
+    from steps on g alone."""
+    w0, lam = torch.tensor([1.0, -2.0, 0.5]), 0.05
+    grads = [torch.tensor([0.3, 0.1, -0.2]), torch.tensor([-0.1, 0.4, 0.2])]
     decayed = Server(w0, ServerOptions(optimizer, 0.1, weight_decay=lam))
-    plain = Server(w0, ServerOptions(optimizer, 0.1))
-    decayed.step(g)
-    plain.step(g + lam * w0)
-    torch.testing.assert_close(decayed.weights, plain.weights, rtol=0, atol=0)
-    assert not torch.equal(decayed.weights, Server(w0, ServerOptions(optimizer, 0.1)).weights)
+    coupled, undecayed = Server(w0, ServerOptions(optimizer, 0.1)), Server(w0, ServerOptions(optimizer, 0.1))
+    for g in grads:
+        coupled.step(g + lam * coupled.weights)
+        decayed.step(g)
+        undecayed.step(g)
+    torch.testing.assert_close(decayed.weights, coupled.weights, rtol=0, atol=0)
+    assert (decayed.weights - undecayed.weights).abs().min() > 1e-4
+
+
+def test_loaded_server_state_keeps_the_options_it_is_given():
+    """A snapshot carries its optimiser's hyper-parameters; the options of the server it is loaded into win."""
+    old = Server(torch.ones(2), ServerOptions("adam", 0.1))
+    old.step(torch.tensor([0.5, -0.5]))
+    new = Server(torch.zeros(2), ServerOptions("adam", 0.1, betas=(0.8, 0.9), weight_decay=0.01))
+    new.load_state_dict(old.state_dict())
+    group = new.opt.param_groups[0]
+    assert (group["weight_decay"], tuple(group["betas"])) == (0.01, (0.8, 0.9))
+    assert torch.equal(new.weights, old.weights) and new.steps == 1
 
 
 def test_fedavg_client_weight_decay_shrinks_the_local_step_by_lr_lambda_w(synth):
@@ -140,7 +155,7 @@ def test_fedavg_client_weight_decay_shrinks_the_local_step_by_lr_lambda_w(synth)
 
     plain, w0 = upload(0.0)
     decayed, _ = upload(0.5)
-    torch.testing.assert_close((plain - decayed).abs(), 0.1 * 0.5 * w0.abs(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(plain - decayed, 0.1 * 0.5 * w0, rtol=1e-4, atol=1e-6)  # w - lr (g + lambda w)
 
 
 def test_server_refuses_non_finite_update():
