@@ -164,6 +164,10 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
     except KeyboardInterrupt:
         bar.close()
         print(f"baffle: interrupted; continue with: baffle run --resume {out}", file=err)
+        if config.engine == "flower":
+            from .flower.simulate import exit_now
+
+            exit_now(130)  # Flower may leave threads that a normal exit would wait for forever
         return 130
     except FloatingPointError as e:
         bar.close()

@@ -67,7 +67,8 @@ class FlowerClients:
                 self._identify(nodes)
             if len(self.node_of) >= self.config.num_clients or time.monotonic() >= deadline:
                 return self.node_of
-            time.sleep(NODE_POLL_SECONDS)
+            if self.stop.wait(NODE_POLL_SECONDS):
+                raise Stopped("stopped while waiting for nodes")
 
     def send_and_receive(self, msgs: list[Message]) -> list[Message]:
         """Push ``msgs``; the replies that arrive within reply_timeout (raises Stopped on stop)."""
@@ -80,8 +81,8 @@ class FlowerClients:
             got = list(self.grid.pull_messages(pending))
             replies += got
             pending -= {r.metadata.reply_to_message_id for r in got}
-            if pending:
-                time.sleep(REPLY_POLL_SECONDS)
+            if pending and self.stop.wait(REPLY_POLL_SECONDS):
+                raise Stopped("stopped while waiting for replies")
         return replies
 
     def _identify(self, nodes: list[int]) -> None:

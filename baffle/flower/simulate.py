@@ -4,16 +4,33 @@ runtime (Ray backend), one virtual SuperNode per client, in this process.
 The ServerApp runs in a thread of this process (so the progress bar and Ctrl-C work
 as for the in-process engines); the ClientApps run in Ray actors, ``config.threads``
 of them at a time, one torch thread each.
+
+Ctrl-C: the ServerApp thread abandons its round unwritten and ends; then the process
+must end with :func:`exit_now`, not a normal interpreter exit. Flower 1.41's runtime
+kills its actors and shuts Ray down while its worker threads may still be in
+``ray.get`` on them; such a thread never returns, and a normal exit joins it forever.
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig
 from .task import offline_env
+
+
+SERVER_STOP_SECONDS = 60.0  # the longest the ServerApp thread is given to end after Ctrl-C
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` without joining threads (see the module note on Ctrl-C)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run(config: RunConfig, out: Path, *, resume: bool, setup, on_round: Callable[[dict], None] | None = None,
@@ -33,6 +50,7 @@ def run(config: RunConfig, out: Path, *, resume: bool, setup, on_round: Callable
 
     @server.main()
     def _main(grid, context) -> None:
+        outcome["thread"] = threading.current_thread()
         try:
             outcome["summary"] = serve(grid, config, out, resume=resume, setup=setup, on_round=on_round, stop=stop)
         except BaseException as e:  # handed to the caller, which reports it like the in-process engines
@@ -48,6 +66,8 @@ def run(config: RunConfig, out: Path, *, resume: bool, setup, on_round: Callable
                        backend_name="ray", backend_config=backend)
     except KeyboardInterrupt:
         stop.set()  # the ServerApp thread abandons its round unwritten; the checkpoint is the last full round
+        if "thread" in outcome:  # let it end (a round being written is finished: writes are atomic)
+            outcome["thread"].join(SERVER_STOP_SECONDS)
         raise
     finally:
         FLOWER_LOGGER.setLevel(level)
