@@ -101,10 +101,14 @@ def build_report(paths: list[Path], out: Path) -> Path:
         _keep(path, out, run.name)
     notes = {run.name: (out / "runs" / run.name / NOTES) for run in runs}
     notes = {name: f.read_text().strip() for name, f in notes.items() if f.is_file()}
-    for section, group in _sections(runs):
+    sections = _sections(runs)
+    for section, group in sections:
         atomic_write(out / f"{section}_rounds.png", _plot(group, "round", "communication rounds"))
         atomic_write(out / f"{section}_forward_passes.png",
                      _plot(group, "passes", "client passes (forward, + backward for backprop)"))
+    for section in SECTIONS.keys() - {s for s, _ in sections}:  # plots of an earlier report, now unlinked
+        for plot in ("rounds", "forward_passes"):
+            (out / f"{section}_{plot}.png").unlink(missing_ok=True)
     report = out / "README.md"
     atomic_write(report, render(runs, notes).encode())
     return report

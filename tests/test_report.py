@@ -61,6 +61,11 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     (kept / "partial" / "notes.md").write_text("Written in the repository.\n")
     baffle("report", done, partial, "--out", out)
     assert "**partial**: Written in the repository." in (out / "README.md").read_text()
+    # a rebuild whose runs are all in another section leaves no plot of the old section behind
+    config["preset"] = "ablation-lenet-mnist-k100-relu"
+    (partial / "config.json").write_text(json.dumps(config))
+    baffle("report", partial, "--out", out)
+    assert sorted(p.name for p in out.glob("*.png")) == ["ablation_forward_passes.png", "ablation_rounds.png"]
 
 
 def test_first_reaching_and_bad_input(tmp_path):
