@@ -1,7 +1,8 @@
 """Run configuration: one flat, fully resolved record, presets and overrides.
 
 A preset is a small JSON file in ``baffle/presets/`` holding a subset of the
-fields of :class:`RunConfig`; command-line options override it; the resolved
+fields of :class:`RunConfig` (or, with ``"extends"``, what differs from another
+preset); command-line options override it; the resolved
 record is what ``config.json`` in the run directory holds.
 """
 from __future__ import annotations
@@ -201,11 +202,25 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def load_preset(name: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The preset's values. ``"extends": "other"`` in a preset takes every value of preset
+    ``other`` but its description, then the preset's own on top: a derived preset holds only
+    what makes it different (an ablation, another K)."""
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r} (see `baffle presets`: {', '.join(preset_names())})")
+        where = f"preset {_chain[-1]!r} extends" if _chain else "unknown preset"
+        raise ConfigError(f"{where} {name!r} (see `baffle presets`: {', '.join(preset_names())})")
     values = read_json_object(path, f"preset {name!r}")
+    base = values.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"preset {name!r}: extends must name a preset, got {base!r}")
+        if base in (*_chain, name):
+            chain = (*_chain, name, base)
+            raise ConfigError(f"preset {chain[0]!r}: extends goes round in a circle: {' -> '.join(chain)}")
+        inherited = load_preset(base, (*_chain, name))
+        inherited.pop("description", None)
+        values = {**inherited, **values}
     values["preset"] = name
     return values
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from baffle.config import RunConfig, load_preset, preset_names, resolve
+import baffle.config as config_module
+from baffle.config import ConfigError, RunConfig, load_preset, preset_names, resolve
 
 BAFFLE = [sys.executable, "-m", "baffle.cli"]
 SMALL = ["--dataset", "synthetic", "--model", "lenet", "--num-perturbations", "10", "--batch-size", "16",
@@ -161,6 +162,25 @@ def test_presets_listed_and_all_valid():
         assert name in out.stdout
         resolve(name, {})  # validates every value
         assert load_preset(name)["description"]
+
+
+def test_a_preset_extends_another_with_only_what_differs(tmp_path, monkeypatch):
+    base, relu = load_preset("table1-lenet-mnist-k100"), load_preset("ablation-lenet-mnist-k100-relu")
+    differs = {k for k in base.keys() | relu.keys() if base.get(k) != relu.get(k)}
+    assert differs == {"activation", "description", "preset"} and relu["activation"] == "relu"
+    monkeypatch.setattr(config_module, "PRESET_DIR", tmp_path)
+    for name, values in {"a": {"extends": "b", "description": "A"}, "b": {"extends": "a", "description": "B"},
+                         "c": {"extends": "nowhere", "description": "C"}, "d": {"extends": 3, "description": "D"},
+                         "e": {"extends": "f", "description": "E", "rounds": 2},
+                         "f": {"description": "F", "rounds": 1, "seed": 7}}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(values))
+    assert load_preset("e") == {"description": "E", "rounds": 2, "seed": 7, "preset": "e"}
+    for name, message in [("a", "preset 'a': extends goes round in a circle: a -> b -> a"),
+                          ("c", "preset 'c' extends 'nowhere' (see `baffle presets`: a, b, c, d, e, f)"),
+                          ("d", "preset 'd': extends must name a preset, got 3")]:
+        with pytest.raises(ConfigError) as e:
+            load_preset(name)
+        assert str(e.value) == message
 
 
 def test_table1_presets_match_the_paper():
