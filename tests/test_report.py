@@ -85,12 +85,13 @@ def test_sections_group_runs_by_preset_family():
         return Run(name, {"preset": preset, "model": "lenet", "dataset": "mnist"}, [], False)
 
     runs = [run("a", "quick"), run("b", "noniid-lenet-mnist-k200"), run("c", "table1-lenet-mnist-bp"),
-            run("d", None), run("e", "fig2-lenet-mnist-fedsgd-k100"), run("f", "table1-wrn-mnist-k100")]
+            run("d", None), run("e", "fig2-lenet-mnist-fedsgd-k100"), run("f", "table1-wrn-mnist-k100"),
+            run("g", "reach-lenet-mnist-k50")]
     assert [(s, [r.name for r in g]) for s, g in _sections(runs)] == [
-        ("table1", ["c", "f"]), ("fig2", ["e"]), ("noniid", ["b"]), ("other", ["a", "d"])]
+        ("table1", ["c", "f"]), ("fig2", ["e"]), ("noniid", ["b"]), ("reach", ["g"]), ("other", ["a", "d"])]
     text = render(runs)
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "other")] + [
+    assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "reach", "other")] + [
         "## Forward passes to first reach the paper's MNIST LeNet accuracies"]
     assert "| c | lenet mnist" in text and "| 0/? (partial) | - |" in text  # no metrics yet: nothing invented
     bp = Run("bp", {"model": "lenet", "dataset": "mnist", "method": "backprop", "rounds": 2},
