@@ -4,14 +4,30 @@ from __future__ import annotations
 import io
 
 
-def plot_curves(metrics: list[dict], title: str) -> bytes:
+def figure(ncols: int, figsize: tuple[float, float]):
+    """A matplotlib figure and its axes, drawn off-screen (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(1, ncols, figsize=figsize)
+
+
+def png(fig, dpi: int) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_curves(metrics: list[dict], title: str) -> bytes:
     ev = [m for m in metrics if m["test_top1"] is not None]
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (acc, loss) = figure(2, (10, 4))
     acc.plot([m["round"] for m in ev], [100 * m["test_top1"] for m in ev], marker=".", label="test top-1")
     acc.plot([m["round"] for m in ev], [100 * m["test_top5"] for m in ev], marker=".", label="test top-5")
     acc.set(xlabel="round", ylabel="accuracy (%)", title="accuracy")
@@ -25,8 +41,4 @@ def plot_curves(metrics: list[dict], title: str) -> bytes:
     loss.grid(alpha=0.3)
     loss.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig, dpi=100)

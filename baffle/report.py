@@ -15,13 +15,13 @@ nothing is extrapolated.
 """
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, read_json_object, resolve
 from .paper import LENET_MNIST_TARGETS, PAPER, PAPER_K500_BUDGET, PAPER_K500_FORWARD_PASSES
+from .plots import figure, png
 from .runs import CONFIG, METRICS, SUMMARY, atomic_write, read_metrics
 
 
@@ -231,12 +231,7 @@ def _reach_table(runs: list[Run]) -> list[str]:
 
 
 def _plot(runs: list[Run], x: str, label: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = figure(1, (7, 4.2))
     for run in runs:
         ev = run.evaluated
         xs = [m["forward_passes"] + m.get("backward_passes", 0) if x == "passes" else m[x] for m in ev]
@@ -250,11 +245,7 @@ def _plot(runs: list[Run], x: str, label: str) -> bytes:
     ax.set(xlabel=label, ylabel="test top-1 (%)", title=f"test accuracy against {label}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig, dpi=110)
 
 
 __all__ = ["build_report", "load_run", "render", "first_reaching", "section_of", "Run", "SECTIONS"]
