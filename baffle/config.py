@@ -218,6 +218,8 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
         if base in (*_chain, name):
             chain = (*_chain, name, base)
             raise ConfigError(f"preset {chain[0]!r}: extends goes round in a circle: {' -> '.join(chain)}")
+        if "description" not in values:  # the base's would describe another experiment
+            raise ConfigError(f"preset {name!r} extends {base!r} but has no description of its own")
         inherited = load_preset(base, (*_chain, name))
         inherited.pop("description", None)
         values = {**inherited, **values}

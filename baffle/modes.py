@@ -93,7 +93,7 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 def check_weight_decay(name: str, value: float) -> None:
     if not (value >= 0 and np.isfinite(value)):
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
 def make_optimizer(name: str, param: torch.nn.Parameter, lr: float, betas: tuple[float, float],

@@ -172,11 +172,12 @@ def test_a_preset_extends_another_with_only_what_differs(tmp_path, monkeypatch):
     for name, values in {"a": {"extends": "b", "description": "A"}, "b": {"extends": "a", "description": "B"},
                          "c": {"extends": "nowhere", "description": "C"}, "d": {"extends": 3, "description": "D"},
                          "e": {"extends": "f", "description": "E", "rounds": 2},
-                         "f": {"description": "F", "rounds": 1, "seed": 7}}.items():
+                         "f": {"description": "F", "rounds": 1, "seed": 7}, "g": {"extends": "f"}}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(values))
     assert load_preset("e") == {"description": "E", "rounds": 2, "seed": 7, "preset": "e"}
     for name, message in [("a", "preset 'a': extends goes round in a circle: a -> b -> a"),
-                          ("c", "preset 'c' extends 'nowhere' (see `baffle presets`: a, b, c, d, e, f)"),
+                          ("c", "preset 'c' extends 'nowhere' (see `baffle presets`: a, b, c, d, e, f, g)"),
+                          ("g", "preset 'g' extends 'f' but has no description of its own"),
                           ("d", "preset 'd': extends must name a preset, got 3")]:
         with pytest.raises(ConfigError) as e:
             load_preset(name)

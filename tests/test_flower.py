@@ -76,10 +76,23 @@ def test_flower_simulation_matches_the_in_process_engine(tmp_path, mode):
     assert b["final_test_loss"] == pytest.approx(a["final_test_loss"], **CLOSE)
 
 
+def ray_processes() -> set[int]:
+    """Pids of Ray's raylet and GCS server processes on this machine."""
+    found = set()
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in ("raylet", "gcs_server"):
+                found.add(int(comm.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return found
+
+
 def test_ctrl_c_on_flower_records_no_broken_round_and_the_run_resumes(tmp_path):
     args = [*SMALL, "--rounds", "30", "--clients-per-forward", "1"]
     baffle("run", *args, "--out", tmp_path / "inproc", "--quiet")
     run = tmp_path / "flower"
+    before = ray_processes()
     proc = subprocess.Popen([*BAFFLE, "run", *args, "--engine", "flower", "--out", str(run), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300
@@ -88,6 +101,10 @@ def test_ctrl_c_on_flower_records_no_broken_round_and_the_run_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and f"baffle run --resume {run}" in err, err[-2000:]
+    deadline = time.time() + 30  # the run's Ray cluster is shut down, not left behind
+    while ray_processes() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes() - before
     done = rows(run)
     assert 3 <= len(done) < 30 and all(r["skipped"] is None and not r["rejected"] for r in done)
     baffle("run", "--resume", run, "--quiet")

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from baffle.config import ConfigError, read_json_object
+from baffle.config import ConfigError, read_json_object, resolve
 from baffle.paper import PAPER
 from baffle.report import SECTIONS, Run, _sections, first_reaching, load_run, render
 from test_cli import SMALL, baffle
@@ -34,14 +34,14 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     assert len(rows) == 2  # the accuracy table and the forward-passes-to-reach table
     row, reach = rows
     expected = [first_reaching(load_run(done), t) for t in (87.27, 89.48, 92.18)]
-    assert reach.count("not reached in 4 rounds") == sum(m is None for m in expected)
+    assert reach.count("not reached by round 4 (last evaluated)") == sum(m is None for m in expected)
     for m in expected:  # the share of the paper's K=500 forward passes (20 x 10 x 187 x 501)
         if m is not None:
             assert f"{m['forward_passes']:.3g} ({100 * m['forward_passes'] / 18737400:.3g}%), round {m['round']}," in reach
     assert "| 4/4 |" in row and f"| {100 * final:.2f}% |" in row
-    # the tiny run is not what the preset says: the row says so, naming the changed fields
-    assert "**changed from the preset: " in row and "num_perturbations=" in row and "rounds=4" in row
-    assert f"{cell.top1:.2f}% (Table 1, LeNet MNIST, K=100)" in row and f"{100 * final - cell.top1:+.2f} |" in row
+    # the tiny run is not what the preset says: the row says so, naming the changed fields, and gives no gap
+    assert "**differs from the preset as it is now: " in row and "num_perturbations=" in row and "rounds=4" in row
+    assert f"{cell.top1:.2f}% (Table 1, LeNet MNIST, K=100) | - (not the preset's setting) |" in row
     row = next(line for line in text.splitlines() if line.startswith("| partial |"))
     assert "2/4 (partial)" in row and "(partial) |" in row
     # both runs are the table1 family: one section, its two plots, the note under it
@@ -66,6 +66,20 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     (partial / "config.json").write_text(json.dumps(config))
     baffle("report", partial, "--out", out)
     assert sorted(p.name for p in out.glob("*.png")) == ["ablation_forward_passes.png", "ablation_rounds.png"]
+
+
+def test_a_run_of_the_preset_gets_its_gap_to_the_paper_and_its_share_of_the_paper_budget():
+    config = resolve("table1-lenet-mnist-k100", {}).to_dict()
+    per_round = 10 * 187 * 101  # clients x local steps x (K + 1) forward passes
+    metrics = [{"round": r, "test_top1": acc, "forward_passes": per_round * r, "backward_passes": 0,
+                "wall_seconds": 60.0 * r} for r, acc in ((1, 0.80), (2, 0.90), (3, None), (4, 0.91))]
+    text = render([Run("k100", config, metrics, finished=False)])
+    row, reach = [line for line in text.splitlines() if line.startswith("| k100 |")]
+    assert "differs from the preset" not in row
+    assert "| 4/20 (partial) | 91.00% | 91.00% | 87.27% (Table 1, LeNet MNIST, K=100) | +3.73 (partial) |" in row
+    # 87.27% first at round 2 (377,740 passes of the paper's 18,737,400); 92.18% never, last seen at round 4
+    assert reach == ("| k100 | 3.78e+05 (2.02%), round 2, 2.0 min | 3.78e+05 (2.02%), round 2, 2.0 min "
+                     "| not reached by round 4 (last evaluated), partial |")
 
 
 def test_first_reaching_and_bad_input(tmp_path):

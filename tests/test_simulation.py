@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from baffle import runs
+from baffle.config import RunConfig
 from baffle.data import partition
 from baffle.flatmodel import FlatModel
 from baffle.models import ModelSpec, build_model
@@ -156,6 +158,14 @@ def test_fedavg_client_weight_decay_shrinks_the_local_step_by_lr_lambda_w(synth)
     plain, w0 = upload(0.0)
     decayed, _ = upload(0.5)
     torch.testing.assert_close(plain - decayed, 0.1 * 0.5 * w0, rtol=1e-4, atol=1e-6)  # w - lr (g + lambda w)
+
+
+def test_run_config_weight_decays_reach_the_client_and_server_optimisers():
+    config = RunConfig(dataset="synthetic", model="linear", mode="fedavg", num_clients=2, rounds=1,
+                       client_weight_decay=0.02, server_weight_decay=5e-4)
+    sim = runs.build(config).simulator
+    assert sim.algorithm.client_weight_decay == 0.02
+    assert sim.server.opt.param_groups[0]["weight_decay"] == 5e-4
 
 
 def test_server_refuses_non_finite_update():

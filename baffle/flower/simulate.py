@@ -66,7 +66,7 @@ def run(config: RunConfig, out: Path, *, resume: bool, setup, on_round: Callable
                        backend_name="ray", backend_config=backend)
     except KeyboardInterrupt:
         stop.set()  # the ServerApp thread abandons its round unwritten; the checkpoint is the last full round
-        if "thread" in outcome:  # let it end (a round being written is finished: writes are atomic)
+        if "thread" in outcome:  # let it end within SERVER_STOP_SECONDS (a round being written is finished)
             outcome["thread"].join(SERVER_STOP_SECONDS)
         raise
     finally:
