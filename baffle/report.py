@@ -146,7 +146,7 @@ def render(runs: list[Run], notes: dict[str, str] | None = None) -> str:
         for run in group:
             if run.name in notes:
                 lines += ["", f"**{run.name}**: {notes[run.name]}"]
-    lines += ["", *_reach_table(runs), ""]
+    lines += ["", *_reach_table([run for _, group in _sections(runs) for run in group]), ""]  # in section order
     return "\n".join(lines)
 
 

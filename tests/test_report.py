@@ -108,6 +108,9 @@ def test_sections_group_runs_by_preset_family():
     assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "reach", "other")] + [
         "## Forward passes to first reach the paper's MNIST LeNet accuracies"]
     assert "| c | lenet mnist" in text and "| 0/? (partial) | - |" in text  # no metrics yet: nothing invented
+    reach = text[text.index("## Forward passes to first reach"):]  # its rows in section order too
+    assert [line.split(" | ")[0] for line in reach.splitlines() if line[:4] in {f"| {n} " for n in "abcdefg"}] == [
+        "| c", "| f", "| e", "| b", "| g", "| a", "| d"]
     bp = Run("bp", {"model": "lenet", "dataset": "mnist", "method": "backprop", "rounds": 2},
              [{"round": 1, "test_top1": 0.95, "forward_passes": 100, "backward_passes": 100, "wall_seconds": 60}], False)
     reach = next(line for line in render([bp]).splitlines() if line.startswith("| bp | 100 "))
