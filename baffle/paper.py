@@ -38,7 +38,8 @@ for _name in ("table1-lenet-mnist-bp-fedsgd", "table1-lenet-mnist-bp-fedsgd-wd")
 LENET_MNIST_TARGETS = tuple(PAPER[f"table1-lenet-mnist-k{k}"].top1 for k in (100, 200, 500))
 
 #: The paper's K=500 MNIST LeNet run (Table 1), in client forward passes on one batch each:
-#: 20 rounds x 10 clients x 6000 // 32 = 187 local steps (full batches, as our epochs) x (K + 1) = 501.
-_ROUNDS, _CLIENTS, _STEPS, _BATCH, _K = 20, 10, 6000 // 32, 32, 500
+#: rounds x clients x local steps (6,000 images a client in full batches, as our epochs) x (K + 1).
+_ROUNDS, _CLIENTS, _BATCH, _K = 20, 10, 32, 500
+_STEPS = 6000 // _BATCH
 PAPER_K500_BUDGET = f"{_ROUNDS} rounds x {_CLIENTS} clients x {_STEPS} steps of batch {_BATCH} x {_K + 1} forwards"
 PAPER_K500_FORWARD_PASSES = _ROUNDS * _CLIENTS * _STEPS * (_K + 1)

@@ -37,6 +37,10 @@ class Run:
         return [m for m in self.metrics if m.get("test_top1") is not None]
 
     @property
+    def last_evaluated(self) -> dict | None:
+        return self.evaluated[-1] if self.evaluated else None
+
+    @property
     def rounds(self) -> int:
         return self.metrics[-1]["round"] if self.metrics else 0
 
@@ -139,14 +143,15 @@ def render(runs: list[Run], notes: dict[str, str] | None = None) -> str:
         "on the machine that ran the run, contention with other jobs and pauses included (a run's notes "
         "say when); they are not compute times.",
     ]
-    for section, group in _sections(runs):
+    sections = _sections(runs)
+    for section, group in sections:
         lines += ["", f"## {SECTIONS[section]}", "", *_accuracy_table(group), "",
                   f"![test accuracy against rounds]({section}_rounds.png)", "",
                   f"![test accuracy against forward passes]({section}_forward_passes.png)"]
         for run in group:
             if run.name in notes:
                 lines += ["", f"**{run.name}**: {notes[run.name]}"]
-    lines += ["", *_reach_table([run for _, group in _sections(runs) for run in group]), ""]  # in section order
+    lines += ["", *_reach_table([run for _, group in sections for run in group]), ""]  # in section order
     return "\n".join(lines)
 
 
@@ -155,25 +160,27 @@ def _accuracy_table(runs: list[Run]) -> list[str]:
              "| wall |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        c, last = run.config, run.metrics[-1] if run.metrics else {}
-        final = run.evaluated[-1]["test_top1"] if run.evaluated else None
-        seen = f" (round {run.evaluated[-1]['round']})" if run.evaluated and run.evaluated[-1]["round"] != run.rounds else ""
+        c, last, seen = run.config, run.metrics[-1] if run.metrics else {}, run.last_evaluated
+        final = seen["test_top1"] if seen else None
+        at = f" (round {seen['round']})" if seen and seen["round"] != run.rounds else ""
         best = max((m["test_top1"] for m in run.evaluated), default=None)
         cell = PAPER.get(run.config.get("preset", ""))
         paper = f"{cell.top1:.2f}% ({cell.where})" if cell else "-"
+        changed = _changed_from_preset(c)
         diff = "-"
         if cell and final is not None:
             diff = f"{100 * final - cell.top1:+.2f}" + ("" if run.finished else " (partial)")
-            if _changed_from_preset(c):
+            if changed:
                 diff = "- (not the preset's setting)"
         done = f"{run.rounds}/{c.get('rounds', '?')}" + ("" if run.finished else " (partial)")
-        lines.append(f"| {run.name} | {setting(c)} | {done} | {_pct(final)}{seen} | {_pct(best)} | {paper} | {diff} | "
+        lines.append(f"| {run.name} | {setting(c, changed)} | {done} | {_pct(final)}{at} | {_pct(best)} | {paper} | {diff} | "
                      f"{last.get('forward_passes', 0):.3g} | {last.get('wall_seconds', 0) / 3600:.2f} h |")
     return lines
 
 
-def setting(c: dict) -> str:
-    """The experiment in one cell: what a reader needs to tell two rows apart, and what differs from the preset."""
+def setting(c: dict, changed: dict) -> str:
+    """The experiment in one cell: what a reader needs to tell two rows apart, and ``changed``, what differs
+    from the preset (:func:`_changed_from_preset`)."""
     baffle = c.get("method") == "baffle"
     parts = [f"{c.get('model')} {c.get('dataset')}, {c.get('method')} {c.get('mode')}"]
     if baffle:
@@ -188,7 +195,6 @@ def setting(c: dict) -> str:
         if c.get(key):
             parts.append(f"{label} {c.get(key)}")
     parts.append(f"{c.get('activation')}, EMA {c.get('ema_decay')}")
-    changed = _changed_from_preset(c)
     if changed:
         parts.append("**differs from the preset as it is now: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + "**")
     return ", ".join(parts)
@@ -214,8 +220,8 @@ def _reach_table(runs: list[Run]) -> list[str]:
              f"Table 1's MNIST LeNet accuracies, and their share of the paper's K=500 run counted on our split "
              f"({PAPER_K500_FORWARD_PASSES:.3g} passes: {PAPER_K500_BUDGET}; the authors' code keeps 5,000 "
              f"training images for validation, which would make it about 9% fewer). The goal: "
-             f"{LENET_MNIST_TARGETS[-1]:.2f}% within one fifth of it ({PAPER_K500_FORWARD_PASSES / 5:.3g}). A run that evaluates every n rounds is seen "
-             f"only every n rounds.", "",
+             f"{LENET_MNIST_TARGETS[-1]:.2f}% within one fifth of it ({PAPER_K500_FORWARD_PASSES / 5:.3g}). "
+             f"A run that evaluates every n rounds is seen only every n rounds.", "",
              "| run | " + " | ".join(f"{t:.2f}%" for t in LENET_MNIST_TARGETS) + " |",
              "|---|" + "---|" * len(LENET_MNIST_TARGETS)]
     for run in runs:
@@ -225,7 +231,7 @@ def _reach_table(runs: list[Run]) -> list[str]:
         for t in LENET_MNIST_TARGETS:
             m = first_reaching(run, t)
             if m is None:
-                seen = run.evaluated[-1]["round"] if run.evaluated else 0
+                seen = run.last_evaluated["round"] if run.last_evaluated else 0
                 cells.append(f"not reached by round {seen} (last evaluated)" + ("" if run.finished else ", partial"))
                 continue
             backward = f" + {m['backward_passes']:.3g} backward" if m.get("backward_passes") else ""
