@@ -6,6 +6,7 @@ The only layer that talks to the user: progress bar, summaries, one-line errors
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -125,8 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = runs.new_run_dir(config, args.out)
         threads = config.threads
     torch.set_num_threads(threads)
-    setup = runs.build(config)
-    return _train(args, config, out, setup)
+    # a resumed directory is held before anything is printed or built; a new one once it exists
+    with runs.locked(out) if args.resume is not None else contextlib.nullcontext():
+        setup = runs.build(config)
+        return _train(args, config, out, setup)
 
 
 def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int:

@@ -231,8 +231,9 @@ def _reach_table(runs: list[Run]) -> list[str]:
         for t in LENET_MNIST_TARGETS:
             m = first_reaching(run, t)
             if m is None:
-                seen = run.last_evaluated["round"] if run.last_evaluated else 0
-                cells.append(f"not reached by round {seen} (last evaluated)" + ("" if run.finished else ", partial"))
+                seen = (f"not reached by round {run.last_evaluated['round']} (last evaluated)"
+                        if run.last_evaluated else "no round evaluated yet")
+                cells.append(seen + ("" if run.finished else ", partial"))
                 continue
             backward = f" + {m['backward_passes']:.3g} backward" if m.get("backward_passes") else ""
             cells.append(f"{m['forward_passes']:.3g} ({100 * m['forward_passes'] / PAPER_K500_FORWARD_PASSES:.3g}%)"

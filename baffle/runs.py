@@ -16,6 +16,8 @@ wall_seconds is real elapsed time of the run (I/O included), summed over resumes
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -37,6 +39,7 @@ from .perturb import derive_seed
 from .simulation import Simulator
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
+LOCK = ".baffle.lock"
 PLOT, WEIGHTS = "curves.png", "model.safetensors"
 
 
@@ -181,6 +184,42 @@ def new_run_dir(config: RunConfig, out: Path | None) -> Path:
     return out
 
 
+_HELD: set[Path] = set()  # run directories this process holds
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold run directory ``out`` for this process alone while the block runs.
+
+    Two processes training in one directory would both append to metrics.jsonl and
+    overwrite each other's checkpoint; one's rewrite of metrics.jsonl on resume would
+    send the other's later lines to a file no longer linked (lost rounds). The lock is
+    an advisory flock, released by the kernel when the holder exits, even if killed.
+    Re-entrant within a process (the CLI takes it before building a resumed run).
+    """
+    key = out.resolve()
+    if key in _HELD:
+        yield
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise ConfigError(f"run directory {out} is in use by another baffle process (pid {holder}); "
+                              "wait for it to end or stop it, then resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+    finally:
+        os.close(fd)
+
+
 def execute(
     config: RunConfig,
     out: Path,
@@ -191,8 +230,14 @@ def execute(
 ) -> dict:
     """Run (or resume) ``config`` in directory ``out``; return the summary."""
     setup = setup or build(config)
-    sim = setup.simulator
     out.mkdir(parents=True, exist_ok=True)
+    with locked(out):
+        return _execute(config, out, resume, setup, on_round)
+
+
+def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
+             on_round: Callable[[dict], None] | None) -> dict:
+    sim = setup.simulator
     metrics: list[dict] = []
     wall = 0.0
     ckpt = out / CHECKPOINT

@@ -90,6 +90,30 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert f"baffle run --resume {run}" in err and "Traceback" not in err
 
 
+def test_a_run_directory_in_use_is_refused_and_left_intact(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*BAFFLE, "run", *SMALL, "--rounds", "400", "--out", str(run), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "checkpoint.pt").exists():
+            time.sleep(0.01)
+        second = baffle("run", "--resume", run, check=False)
+        assert proc.poll() is None, "the first run ended before the second one tried"
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"baffle: error: run directory {run} is in use by another baffle process (pid {proc.pid}); "
+            "wait for it to end or stop it, then resume"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    # the refused process wrote nothing: the first run's rounds are all there, in order
+    rounds = [r["round"] for r in metrics(run)]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) < 400
+    baffle("run", "--resume", run)  # the lock went with the first process
+    assert [r["round"] for r in metrics(run)] == list(range(1, 401))
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--bogus", "1"], "--bogus"),
     (["--sigma", "-1"], "sigma must be > 0, got -1.0"),

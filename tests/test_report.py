@@ -80,6 +80,11 @@ def test_a_run_of_the_preset_gets_its_gap_to_the_paper_and_its_share_of_the_pape
     # 87.27% first at round 2 (377,740 passes of the paper's 18,737,400); 92.18% never, last seen at round 4
     assert reach == ("| k100 | 3.78e+05 (2.02%), round 2, 2.0 min | 3.78e+05 (2.02%), round 2, 2.0 min "
                      "| not reached by round 4 (last evaluated), partial |")
+    # a run just started, nothing evaluated yet: no round 0 is invented
+    text = render([Run("k100", config, [], finished=False)])
+    row, reach = [line for line in text.splitlines() if line.startswith("| k100 |")]
+    assert "| 0/20 (partial) | - | - |" in row
+    assert reach == "| k100 | " + " | ".join(["no round evaluated yet, partial"] * 3) + " |"
 
 
 def test_first_reaching_and_bad_input(tmp_path):
