@@ -179,12 +179,18 @@ def new_run_dir(config: RunConfig, out: Path | None) -> Path:
         out = Path("runs") / f"{config.preset or 'run'}-{stamp}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"run directory {out} already exists and is not empty (use --resume {out} or another --out)")
+    if out.exists():
+        check_unused(out)
     return out
 
 
-_HELD: set[Path] = set()  # run directories this process holds
+def check_unused(out: Path) -> None:
+    """A new run may only start in an empty directory (a stale lock file aside)."""
+    if any(p.name != LOCK for p in out.iterdir()):
+        raise ConfigError(f"run directory {out} already exists and is not empty (use --resume {out} or another --out)")
+
+
+_HELD: dict[Path, tuple[int, int]] = {}  # run directories this process holds: (fd, depth)
 
 
 @contextlib.contextmanager
@@ -195,29 +201,36 @@ def locked(out: Path):
     overwrite each other's checkpoint; one's rewrite of metrics.jsonl on resume would
     send the other's later lines to a file no longer linked (lost rounds). The lock is
     an advisory flock, released by the kernel when the holder exits, even if killed.
-    Re-entrant within a process (the CLI takes it before building a resumed run).
+    Re-entrant within a process (the CLI takes it before building a resumed run, the
+    Flower ServerApp thread again in ``execute``): it is let go when the last block ends.
     """
     key = out.resolve()
-    if key in _HELD:
-        yield
-        return
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-    try:
+    if key not in _HELD:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
             raise ConfigError(f"run directory {out} is in use by another baffle process (pid {holder}); "
-                              "wait for it to end or stop it, then resume") from None
+                              "wait for it to end or stop it first") from None
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _HELD.add(key)
-        try:
-            yield
-        finally:
-            _HELD.discard(key)
+        _HELD[key] = (fd, 0)
+    fd, depth = _HELD[key]
+    _HELD[key] = (fd, depth + 1)
+    try:
+        yield
     finally:
-        os.close(fd)
+        fd, depth = _HELD[key]
+        if depth > 1:
+            _HELD[key] = (fd, depth - 1)
+        else:
+            del _HELD[key]
+            os.close(fd)
 
 
 def execute(
@@ -232,6 +245,9 @@ def execute(
     setup = setup or build(config)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out):
+        # checked again under the lock: another process may have started a run here since
+        if not resume:
+            check_unused(out)
         return _execute(config, out, resume, setup, on_round)
 
 

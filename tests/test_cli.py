@@ -103,7 +103,7 @@ def test_a_run_directory_in_use_is_refused_and_left_intact(tmp_path):
         assert second.returncode == 2
         assert second.stderr.strip().splitlines() == [
             f"baffle: error: run directory {run} is in use by another baffle process (pid {proc.pid}); "
-            "wait for it to end or stop it, then resume"]
+            "wait for it to end or stop it first"]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -112,6 +112,22 @@ def test_a_run_directory_in_use_is_refused_and_left_intact(tmp_path):
     assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) < 400
     baffle("run", "--resume", run)  # the lock went with the first process
     assert [r["round"] for r in metrics(run)] == list(range(1, 401))
+
+
+def test_a_new_run_never_starts_in_a_directory_filled_meanwhile(tmp_path):
+    from baffle import runs
+
+    run = tmp_path / "run"
+    baffle("run", *SMALL, "--rounds", "2", "--out", run)
+    def files():  # the lock file (which names its last holder) aside
+        return {p.name: p.read_bytes() for p in run.iterdir() if p.name != runs.LOCK}
+
+    before = files()
+    config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    # as if another process had filled it between this one's check and its start
+    with pytest.raises(ConfigError, match=f"run directory {run} already exists and is not empty"):
+        runs.execute(config, run)
+    assert files() == before and "metrics.jsonl" in before
 
 
 @pytest.mark.parametrize("args,needle", [
