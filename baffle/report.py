@@ -38,7 +38,8 @@ class Run:
 
     @property
     def last_evaluated(self) -> dict | None:
-        return self.evaluated[-1] if self.evaluated else None
+        evaluated = self.evaluated
+        return evaluated[-1] if evaluated else None
 
     @property
     def rounds(self) -> int:
@@ -227,13 +228,13 @@ def _reach_table(runs: list[Run]) -> list[str]:
     for run in runs:
         if (run.config.get("model"), run.config.get("dataset")) != ("lenet", "mnist"):
             continue
-        cells = []
+        cells, last = [], run.last_evaluated
+        unreached = (f"not reached by round {last['round']} (last evaluated)" if last else "no round evaluated yet") \
+            + ("" if run.finished else ", partial")
         for t in LENET_MNIST_TARGETS:
             m = first_reaching(run, t)
             if m is None:
-                seen = (f"not reached by round {run.last_evaluated['round']} (last evaluated)"
-                        if run.last_evaluated else "no round evaluated yet")
-                cells.append(seen + ("" if run.finished else ", partial"))
+                cells.append(unreached)
                 continue
             backward = f" + {m['backward_passes']:.3g} backward" if m.get("backward_passes") else ""
             cells.append(f"{m['forward_passes']:.3g} ({100 * m['forward_passes'] / PAPER_K500_FORWARD_PASSES:.3g}%)"
