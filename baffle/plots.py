@@ -26,7 +26,9 @@ def png(fig, dpi: int) -> bytes:
 
 
 def plot_curves(metrics: list[dict], title: str) -> bytes:
-    ev = [m for m in metrics if m["test_top1"] is not None]
+    from .runs import evaluated_rows
+
+    ev = evaluated_rows(metrics)
     fig, (acc, loss) = figure(2, (10, 4))
     acc.plot([m["round"] for m in ev], [100 * m["test_top1"] for m in ev], marker=".", label="test top-1")
     acc.plot([m["round"] for m in ev], [100 * m["test_top5"] for m in ev], marker=".", label="test top-5")

@@ -22,7 +22,7 @@ from pathlib import Path
 from .config import ConfigError, read_json_object, resolve
 from .paper import LENET_MNIST_TARGETS, PAPER, PAPER_K500_BUDGET, PAPER_K500_FORWARD_PASSES
 from .plots import figure, png
-from .runs import CONFIG, METRICS, SUMMARY, atomic_write, read_metrics
+from .runs import CONFIG, METRICS, SUMMARY, atomic_write, evaluated_rows, read_metrics
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Run:
 
     @property
     def evaluated(self) -> list[dict]:
-        return [m for m in self.metrics if m.get("test_top1") is not None]
+        return evaluated_rows(self.metrics)
 
     @property
     def last_evaluated(self) -> dict | None:

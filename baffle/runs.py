@@ -161,6 +161,11 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
     return rows
 
 
+def evaluated_rows(metrics: list[dict]) -> list[dict]:
+    """The metric rows of rounds whose test set was evaluated (test_top1 not None)."""
+    return [m for m in metrics if m.get("test_top1") is not None]
+
+
 def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
     """The stored config of run directory ``out``; ``config`` (if given) must match it."""
     values = read_json_object(out / CONFIG, f"cannot resume {out}")
@@ -298,8 +303,7 @@ def finish(out: Path, config: RunConfig, sim: Simulator, metrics: list[dict]) ->
     w = sim.server.eval_weights()
     atomic_write(out / WEIGHTS, save({k: v.contiguous().clone() for k, v in sim.model.named(w).items()},
                                      metadata={"preset": config.preset, "ema": str(config.ema_decay > 0)}))
-    evaluated = [m for m in metrics if m["test_top1"] is not None]
-    best = max(evaluated, key=lambda m: m["test_top1"])
+    best = max(evaluated_rows(metrics), key=lambda m: m["test_top1"])
     final = metrics[-1]
     summary = {
         "run_dir": str(out),
