@@ -211,7 +211,7 @@ def locked(out: Path):
     """
     key = out.resolve()
     if key not in _HELD:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # os.open applies the umask
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
