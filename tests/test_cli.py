@@ -77,6 +77,18 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
     assert metrics(part) == metrics(full)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_round_zero(tmp_path):
+    full = tmp_path / "full"
+    baffle("run", *SMALL, "--rounds", "4", "--out", full)
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.json").write_bytes((full / "config.json").read_bytes())
+    # no checkpoint: metric lines past it (here all of them, and a torn one) must not survive the resume
+    (early / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text() + '{"round": 5, "te')
+    baffle("run", "--resume", early)
+    assert metrics(early) == metrics(full)
+
+
 def test_ctrl_c_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([*BAFFLE, "run", *SMALL, "--rounds", "200", "--out", str(run)],
