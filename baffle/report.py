@@ -3,9 +3,10 @@
     baffle report RUN_DIR... --out docs/results/
 
 For each run it keeps config.json, metrics.jsonl, summary.json (when the run
-finished) and notes.md (when someone wrote one) under OUT/runs/<name>/, so the
-report can be rebuilt from the repository alone (``baffle report docs/results/runs/*
---out docs/results``). It writes OUT/README.md, one section per preset family
+finished), checkpoint.pt (while it has not) and notes.md (when someone wrote one)
+under OUT/runs/<name>/, so the report can be rebuilt from the repository alone
+(``baffle report docs/results/runs/* --out docs/results``) and a partial run resumed
+from its kept copy on another machine. It writes OUT/README.md, one section per preset family
 (Table 1, ablations, Figure 2, non-iid: our accuracy beside the paper's, cited by
 table and row, and PNG plots of test accuracy against rounds and against client
 forward passes, OUT/<family>_{rounds,forward_passes}.png), then the forward passes
@@ -22,7 +23,7 @@ from pathlib import Path
 from .config import ConfigError, read_json_object, resolve
 from .paper import LENET_MNIST_TARGETS, PAPER, PAPER_K500_BUDGET, PAPER_K500_FORWARD_PASSES
 from .plots import figure, png
-from .runs import CONFIG, METRICS, SUMMARY, atomic_write, evaluated_rows, read_metrics
+from .runs import CHECKPOINT, CONFIG, METRICS, SUMMARY, atomic_write, evaluated_rows, read_metrics
 
 
 @dataclass(frozen=True)
@@ -74,16 +75,24 @@ def section_of(run: Run) -> str:
 
 
 def _keep(path: Path, out: Path, name: str) -> None:
-    """Copy the run's small files into OUT/runs/<name>/ (atomically; a no-op on itself)."""
+    """Copy the run's small files into OUT/runs/<name>/ (atomically; a no-op on itself).
+
+    An unfinished run's checkpoint.pt is kept too, so the kept copy is itself a run
+    directory that ``baffle run --resume`` continues on any machine. The checkpoint is
+    copied before metrics.jsonl: a run appends a round's metric line before it replaces
+    its checkpoint, so the copied lines always cover the copied checkpoint (lines past
+    it are dropped on resume). A finished run's copy holds no checkpoint.
+    """
     dest = out / "runs" / name
     if dest.resolve() == path.resolve():
         return
     dest.mkdir(parents=True, exist_ok=True)
-    for file in (CONFIG, METRICS, SUMMARY, NOTES):
-        if (path / file).is_file():
+    finished = (path / SUMMARY).is_file()
+    for file in (CHECKPOINT, CONFIG, METRICS, SUMMARY, NOTES):
+        if (path / file).is_file() and not (file == CHECKPOINT and finished):
             atomic_write(dest / file, (path / file).read_bytes())
         elif file != NOTES and (dest / file).exists():
-            (dest / file).unlink()  # a summary from an older copy must not outlive the run's state
+            (dest / file).unlink()  # a summary or checkpoint from an older copy must not outlive the run's state
         # a note written in the kept copy stays: it is nobody's state but its author's
 
 

@@ -31,6 +31,24 @@ def metrics(run: Path) -> list[dict]:
     return rows
 
 
+def kill_mid_way(part: Path, args: list, after: int) -> None:
+    """Start `baffle run ARGS --out PART` and SIGKILL it once ``after`` rounds are logged, before the last."""
+    rounds = int(args[args.index("--rounds") + 1])
+    proc = subprocess.Popen([*BAFFLE, "run", *map(str, args), "--out", str(part), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = part / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= after:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len((part / "metrics.jsonl").read_text().splitlines())
+    assert after <= done < rounds, "the run was not interrupted mid-way"
+    assert not (part / "summary.json").exists()
+
+
 def test_run_directory_holds_everything(tmp_path):
     run = tmp_path / "run"
     out = baffle("run", *SMALL, "--rounds", "4", "--out", run)
@@ -60,19 +78,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
     full = tmp_path / "full"
     baffle("run", *args, "--out", full)
     part = tmp_path / "part"
-    proc = subprocess.Popen([*BAFFLE, "run", *args, "--out", str(part), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = part / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len((part / "metrics.jsonl").read_text().splitlines())
-    assert 5 <= done < 30, "the run was not interrupted mid-way"
-    assert not (part / "summary.json").exists()
+    kill_mid_way(part, args, after=5)
     baffle("run", "--resume", part)
     assert metrics(part) == metrics(full)
 

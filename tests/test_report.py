@@ -7,7 +7,7 @@ import pytest
 from baffle.config import ConfigError, read_json_object, resolve
 from baffle.paper import PAPER
 from baffle.report import SECTIONS, Run, _sections, first_reaching, load_run, render
-from test_cli import SMALL, baffle
+from test_cli import SMALL, baffle, kill_mid_way, metrics
 
 
 def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
@@ -51,7 +51,7 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["table1_forward_passes.png", "table1_rounds.png"]
     assert "**table1-lenet-mnist-k100**: Ran on a quiet machine." in text and "**partial**" not in text
     kept = out / "runs"
-    assert sorted(p.name for p in (kept / "partial").iterdir()) == ["config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in (kept / "partial").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     assert (kept / "table1-lenet-mnist-k100" / "summary.json").is_file()
     assert (kept / "table1-lenet-mnist-k100" / "notes.md").is_file()
     # rebuilt from the kept copies alone: the same report
@@ -66,6 +66,26 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     (partial / "config.json").write_text(json.dumps(config))
     baffle("report", partial, "--out", out)
     assert sorted(p.name for p in out.glob("*.png")) == ["ablation_forward_passes.png", "ablation_rounds.png"]
+
+
+def test_a_partial_run_resumes_from_its_kept_copy_on_another_machine(tmp_path):
+    args = [*SMALL, "--rounds", "12"]
+    full = tmp_path / "full"
+    baffle("run", *args, "--out", full)
+    part = tmp_path / "part"
+    kill_mid_way(part, args, after=4)
+    out = tmp_path / "report"
+    baffle("report", part, "--out", out)
+    kept = out / "runs" / "part"
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    # the kept copy alone, moved elsewhere (the repository on a fresh machine), finishes the run exactly
+    moved = tmp_path / "fresh-machine" / "part"
+    shutil.copytree(kept, moved)
+    baffle("run", "--resume", moved)
+    assert metrics(moved) == metrics(full)
+    # once finished, its kept copy drops the checkpoint and gains the summary
+    baffle("report", moved, "--out", out)
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
 
 
 def test_a_run_of_the_preset_gets_its_gap_to_the_paper_and_its_share_of_the_paper_budget():
