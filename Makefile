@@ -18,8 +18,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 run: $(STAMP)
 	$(BIN)/baffle run --preset quick
 
+# One pytest-xdist worker per core, each test file on one worker. The Flower files (the longest,
+# mostly waiting on Ray and subprocesses) are listed first and kept first (no reordering by size),
+# so that one worker starts on them while the other takes the rest.
+TESTS_FIRST := tests/test_flower.py tests/test_flower_deployment.py
+TESTS := $(TESTS_FIRST) $(filter-out $(TESTS_FIRST),$(sort $(wildcard tests/test_*.py)))
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder $(TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine.py
