@@ -32,10 +32,13 @@ def metrics(run: Path) -> list[dict]:
     return rows
 
 
-def kill_mid_way(part: Path, args: list, after: int) -> None:
-    """Start `baffle run ARGS --out PART` and SIGKILL it once ``after`` rounds are logged, before the last."""
-    rounds = int(args[args.index("--rounds") + 1])
-    proc = subprocess.Popen([*BAFFLE, "run", *map(str, args), "--out", str(part), "--quiet"],
+def uninterrupted_and_killed(tmp_path: Path, rounds: int, after: int) -> tuple[Path, Path]:
+    """Two runs of SMALL for ``rounds`` rounds: tmp_path/full to the end, and tmp_path/part
+    SIGKILLed once ``after`` rounds are logged, before the last."""
+    args = [*SMALL, "--rounds", str(rounds)]
+    full, part = tmp_path / "full", tmp_path / "part"
+    baffle("run", *args, "--out", full)
+    proc = subprocess.Popen([*BAFFLE, "run", *args, "--out", str(part), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -48,6 +51,7 @@ def kill_mid_way(part: Path, args: list, after: int) -> None:
     done = len((part / "metrics.jsonl").read_text().splitlines())
     assert after <= done < rounds, "the run was not interrupted mid-way"
     assert not (part / "summary.json").exists()
+    return full, part
 
 
 def test_run_directory_holds_everything(tmp_path):
@@ -75,11 +79,7 @@ def test_run_directory_holds_everything(tmp_path):
 
 
 def test_killed_run_resumes_to_identical_metrics(tmp_path):
-    args = [*SMALL, "--rounds", "30"]
-    full = tmp_path / "full"
-    baffle("run", *args, "--out", full)
-    part = tmp_path / "part"
-    kill_mid_way(part, args, after=5)
+    full, part = uninterrupted_and_killed(tmp_path, rounds=30, after=5)
     baffle("run", "--resume", part)
     assert metrics(part) == metrics(full)
 

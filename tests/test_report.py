@@ -7,7 +7,7 @@ import pytest
 from baffle.config import ConfigError, read_json_object, resolve
 from baffle.paper import PAPER
 from baffle.report import SECTIONS, Run, _sections, first_reaching, load_run, render
-from test_cli import SMALL, baffle, kill_mid_way, metrics
+from test_cli import SMALL, baffle, metrics, uninterrupted_and_killed
 
 
 def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
@@ -69,11 +69,7 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
 
 
 def test_a_partial_run_resumes_from_its_kept_copy_on_another_machine(tmp_path):
-    args = [*SMALL, "--rounds", "12"]
-    full = tmp_path / "full"
-    baffle("run", *args, "--out", full)
-    part = tmp_path / "part"
-    kill_mid_way(part, args, after=4)
+    full, part = uninterrupted_and_killed(tmp_path, rounds=12, after=4)
     out = tmp_path / "report"
     baffle("report", part, "--out", out)
     kept = out / "runs" / "part"
