@@ -152,8 +152,8 @@ def render(runs: list[Run], notes: dict[str, str] | None = None) -> str:
         "Paper values: Feng et al., *Does Federated Learning Really Need Backpropagation?*, arXiv 2301.12195, "
         "cited by table and row. A partial run has not finished: its numbers are those of the rounds done, "
         "not a forecast. Wall times are elapsed time on the machine that ran the run, contention with other "
-        "jobs included (a run's notes say when); the "
-        "time between a stop and its resume is not counted. They are not compute times.",
+        "jobs included (a run's notes say when); the time between a stop and its resume is not counted. "
+        "They are not compute times.",
     ]
     sections = _sections(runs)
     for section, group in sections:
