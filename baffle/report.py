@@ -16,6 +16,7 @@ nothing is extrapolated.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def section_of(run: Run) -> str:
     return family if family in SECTIONS else "other"
 
 
-def _keep(path: Path, out: Path, name: str) -> None:
+def _keep(path: Path, out: Path, name: str) -> str | None:
     """Copy the run's small files into OUT/runs/<name>/ (atomically; a no-op on itself).
 
     An unfinished run's checkpoint.pt is kept too, so the kept copy is itself a run
@@ -82,18 +83,28 @@ def _keep(path: Path, out: Path, name: str) -> None:
     copied before metrics.jsonl: a run appends a round's metric line before it replaces
     its checkpoint, so the copied lines always cover the copied checkpoint (lines past
     it are dropped on resume). A finished run's copy holds no checkpoint.
+
+    notes.md is nobody's state but its author's: the run's note seeds the kept copy,
+    but a kept note is never overwritten (a run resumed from a copy of the kept
+    directory carries an older note). Returns a warning when the two notes differ.
     """
     dest = out / "runs" / name
     if dest.resolve() == path.resolve():
-        return
+        return None
     dest.mkdir(parents=True, exist_ok=True)
     finished = (path / SUMMARY).is_file()
-    for file in (CHECKPOINT, CONFIG, METRICS, SUMMARY, NOTES):
+    for file in (CHECKPOINT, CONFIG, METRICS, SUMMARY):
         if (path / file).is_file() and not (file == CHECKPOINT and finished):
             atomic_write(dest / file, (path / file).read_bytes())
-        elif file != NOTES and (dest / file).exists():
+        elif (dest / file).exists():
             (dest / file).unlink()  # an older copy's summary or checkpoint must not outlive the run's state
-        # a note written in the kept copy stays: it is nobody's state but its author's
+    if not (path / NOTES).is_file():
+        return None
+    if not (dest / NOTES).is_file():
+        atomic_write(dest / NOTES, (path / NOTES).read_bytes())
+    elif (dest / NOTES).read_bytes() != (path / NOTES).read_bytes():
+        return f"kept {dest / NOTES}, which differs from {path / NOTES}: edit the kept one"
+    return None
 
 
 def first_reaching(run: Run, top1_percent: float) -> dict | None:
@@ -113,7 +124,8 @@ def build_report(paths: list[Path], out: Path) -> Path:
         names.append(name)
     out.mkdir(parents=True, exist_ok=True)
     for path, name in zip(paths, names):
-        _keep(path, out, name)
+        if warning := _keep(path, out, name):
+            print(f"baffle report: {warning}", file=sys.stderr)
     # the report is made from the kept copies, so a round a live run adds meanwhile cannot make them disagree
     runs = [load_run(out / "runs" / name) for name in names]
     notes = {run.name: (out / "runs" / run.name / NOTES) for run in runs}

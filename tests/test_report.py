@@ -61,6 +61,16 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     (kept / "partial" / "notes.md").write_text("Written in the repository.\n")
     baffle("report", done, partial, "--out", out)
     assert "**partial**: Written in the repository." in (out / "README.md").read_text()
+    # a run resumed from a copy of its kept directory carries the note as it was then: an edit of the
+    # kept note made since is not overwritten, and the report says which one it kept
+    (partial / "notes.md").write_text("Written in the repository.\n")
+    (kept / "partial" / "notes.md").write_text("Written in the repository. Edited since.\n")
+    res = baffle("report", done, partial, "--out", out)
+    assert (kept / "partial" / "notes.md").read_text() == "Written in the repository. Edited since.\n"
+    assert "**partial**: Written in the repository. Edited since." in (out / "README.md").read_text()
+    assert res.stderr.strip() == (f"baffle report: kept {kept / 'partial' / 'notes.md'}, which differs from "
+                                  f"{partial / 'notes.md'}: edit the kept one")
+    (partial / "notes.md").unlink()
     # a rebuild whose runs are all in another section leaves no plot of the old section behind
     config["preset"] = "ablation-lenet-mnist-k100-relu"
     (partial / "config.json").write_text(json.dumps(config))
