@@ -24,7 +24,7 @@ from pathlib import Path
 from .config import ConfigError, read_json_object, resolve
 from .paper import LENET_MNIST_TARGETS, PAPER, PAPER_K500_BUDGET, PAPER_K500_FORWARD_PASSES
 from .plots import figure, png
-from .runs import CHECKPOINT, CONFIG, METRICS, SUMMARY, atomic_write, evaluated_rows, read_metrics
+from .runs import CHECKPOINT, CONFIG, METRICS, PARTIAL, SUMMARY, atomic_write, evaluated_rows, read_metrics
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,13 @@ def section_of(run: Run) -> str:
 def _keep(path: Path, out: Path, name: str) -> str | None:
     """Copy the run's small files into OUT/runs/<name>/ (atomically; a no-op on itself).
 
-    An unfinished run's checkpoint.pt is kept too, so the kept copy is itself a run
-    directory that ``baffle run --resume`` continues on any machine. The checkpoint is
-    copied before metrics.jsonl: a run appends a round's metric line before it replaces
-    its checkpoint, so the copied lines always cover the copied checkpoint (lines past
-    it are dropped on resume). A finished run's copy holds no checkpoint.
+    An unfinished run's checkpoint.pt (and round.partial.pt, the clients done in its
+    unfinished round) is kept too, so the kept copy is itself a run directory that
+    ``baffle run --resume`` continues on any machine. The checkpoint is copied before
+    metrics.jsonl: a run appends a round's metric line before it replaces its
+    checkpoint, so the copied lines always cover the copied checkpoint (lines past it
+    are dropped on resume); a partial round that is not the checkpoint's next is
+    ignored on resume. A finished run's copy holds neither.
 
     notes.md is nobody's state but its author's: the run's note seeds the kept copy,
     but a kept note is never overwritten (a run resumed from a copy of the kept
@@ -93,8 +95,8 @@ def _keep(path: Path, out: Path, name: str) -> str | None:
         return None
     dest.mkdir(parents=True, exist_ok=True)
     finished = (path / SUMMARY).is_file()
-    for file in (CHECKPOINT, CONFIG, METRICS, SUMMARY):
-        if (path / file).is_file() and not (file == CHECKPOINT and finished):
+    for file in (CHECKPOINT, PARTIAL, CONFIG, METRICS, SUMMARY):
+        if (path / file).is_file() and not (file in (CHECKPOINT, PARTIAL) and finished):
             atomic_write(dest / file, (path / file).read_bytes())
         elif (dest / file).exists():
             (dest / file).unlink()  # an older copy's summary or checkpoint must not outlive the run's state

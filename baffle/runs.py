@@ -3,6 +3,7 @@
     config.json        the fully resolved RunConfig
     metrics.jsonl      one line per round (RoundRecord + wall_seconds)
     checkpoint.pt      state after the last finished round (for --resume)
+    round.partial.pt   replies of the clients done so far in the unfinished round
     summary.json       final and best accuracy, totals, wall time, peak memory
     curves.png         accuracy and loss per round
     model.safetensors  the final evaluated weights (the EMA when it is on)
@@ -13,6 +14,13 @@ On resume it is cut back to the checkpointed rounds (a torn or extra last line
 is dropped), so a run killed at any instant resumes from its last checkpoint
 and, being deterministic, ends with the same metrics as an uninterrupted run.
 wall_seconds is real elapsed time of the run (I/O included), summed over resumes.
+
+A round whose clients take long (WRN-10-2 BAFFLE on a CPU: hours a round) keeps
+its progress in round.partial.pt: the replies of the clients done so far, written
+atomically after a client's reply once ``partial_every`` seconds (PARTIAL_EVERY_S)
+have passed since the round started or the file was last written. A resume runs
+only the round's other clients; the file is removed once the round's checkpoint is
+written, and ignored if it belongs to another round than the checkpoint's next.
 """
 from __future__ import annotations
 
@@ -34,11 +42,13 @@ import torch
 from .config import ConfigError, RunConfig, read_json_object
 from .data import DataError, label_summary, load_dataset, partition
 from .models import ModelSpec, build_model
-from .modes import TAG_INIT, TAG_DATA
+from .modes import TAG_INIT, TAG_DATA, ClientStats, Upload
 from .perturb import derive_seed
 from .simulation import Simulator
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
+PARTIAL = "round.partial.pt"
+PARTIAL_EVERY_S = 60.0  # at most one partial-round write a minute: cheap next to the rounds it saves
 LOCK = ".baffle.lock"
 PLOT, WEIGHTS = "curves.png", "model.safetensors"
 
@@ -245,6 +255,7 @@ def execute(
     resume: bool = False,
     setup: Setup | None = None,
     on_round: Callable[[dict], None] | None = None,
+    partial_every: float = PARTIAL_EVERY_S,
 ) -> dict:
     """Run (or resume) ``config`` in directory ``out``; return the summary."""
     setup = setup or build(config)
@@ -253,25 +264,74 @@ def execute(
         # checked again under the lock: another process may have started a run here since
         if not resume:
             check_unused(out)
-        return _execute(config, out, resume, setup, on_round)
+        return _execute(config, out, resume, setup, on_round, partial_every)
+
+
+def _load(out: Path, name: str):
+    try:
+        return torch.load(out / name, weights_only=True)
+    except Exception as e:  # corrupt or foreign file: name it, do not execute it
+        raise ConfigError(f"cannot resume {out}: {name} is unreadable ({type(e).__name__})") from None
+
+
+class PartialRound:
+    """The replies of the current round's clients so far, kept in round.partial.pt."""
+
+    def __init__(self, path: Path, every: float):
+        self.path, self.every = path, every
+        self.round, self.replies, self.saved = -1, {}, time.perf_counter()
+
+    def resume(self, round_: int) -> tuple[dict, float | None]:
+        """(replies, wall_seconds) kept for round ``round_`` (0-based), or ({}, None)."""
+        if not self.path.exists():
+            return {}, None
+        state = _load(self.path.parent, self.path.name)
+        if int(state["round"]) != round_:
+            return {}, None
+        self.round = round_
+        self.replies = {int(c): r if isinstance(r, str) else (Upload(int(c), round_, r[0]), ClientStats(*r[1:]))
+                        for c, r in state["replies"].items()}
+        return dict(self.replies), float(state["wall_seconds"])
+
+    def start(self, round_: int) -> None:
+        if round_ != self.round:
+            self.round, self.replies = round_, {}
+        self.saved = time.perf_counter()
+
+    def add(self, client: int, reply, wall_seconds: float) -> None:
+        """Note ``client``'s reply; write the file if ``every`` seconds have passed since the last write."""
+        self.replies[client] = reply
+        if time.perf_counter() - self.saved < self.every:
+            return
+        encoded = {c: r if isinstance(r, str) else (r[0].vector.clone(), r[1].forward_passes, r[1].backward_passes,
+                                                     r[1].train_loss)
+                   for c, r in self.replies.items()}
+        buf = io.BytesIO()
+        torch.save({"round": self.round, "replies": encoded, "wall_seconds": wall_seconds}, buf)
+        atomic_write(self.path, buf.getvalue())
+        self.saved = time.perf_counter()
+
+    def finished(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.round, self.replies = -1, {}
 
 
 def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
-             on_round: Callable[[dict], None] | None) -> dict:
+             on_round: Callable[[dict], None] | None, partial_every: float) -> dict:
     sim = setup.simulator
     metrics: list[dict] = []
     wall = 0.0
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
-        try:
-            state = torch.load(ckpt, weights_only=True)
-        except Exception as e:  # corrupt or foreign file: name it, do not execute it
-            raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable ({type(e).__name__})") from None
+        state = _load(out, CHECKPOINT)
         sim.load_state_dict(state["simulator"])
         wall = float(state["wall_seconds"])
         metrics = read_metrics(out / METRICS, sim.round)
     else:
         write_json(out / CONFIG, config.to_dict())
+    partial = PartialRound(out / PARTIAL, partial_every)
+    done, partial_wall = partial.resume(sim.round) if resume else ({}, None)
+    wall = partial_wall if partial_wall is not None else wall
     # metrics.jsonl holds exactly the checkpointed rounds before new lines are appended
     atomic_write(out / METRICS, "".join(json.dumps(r) + "\n" for r in metrics).encode())
     for row in metrics:
@@ -281,7 +341,10 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
     with open(out / METRICS, "a") as log:
         while sim.round < config.rounds:
             last = sim.round + 1 == config.rounds
-            record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0)
+            partial.start(sim.round)
+            record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0, done=done,
+                              on_reply=lambda c, reply: partial.add(c, reply, time.perf_counter() - started))
+            done = {}
             row = {**record.to_dict(), "wall_seconds": round(time.perf_counter() - started, 3)}
             metrics.append(row)
             log.write(json.dumps(row) + "\n")  # a torn last line is dropped on resume
@@ -290,6 +353,7 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
             buf = io.BytesIO()
             torch.save({"simulator": sim.state_dict(), "wall_seconds": time.perf_counter() - started}, buf)
             atomic_write(ckpt, buf.getvalue())
+            partial.finished()
             if on_round:
                 on_round(row)
     return finish(out, config, sim, metrics)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -176,8 +176,16 @@ class Simulator:
         rng = np.random.default_rng(derive_seed(self.seed, TAG_SAMPLE, t))
         return client_sampler(len(self.clients), self.client_fraction, rng).tolist()
 
-    def step(self, evaluate: bool = True) -> RoundRecord:
-        """Run the next round; evaluate the (EMA) weights if asked."""
+    def step(self, evaluate: bool = True, done: Mapping[int, object] | None = None,
+             on_reply: Callable[[int, object], None] | None = None) -> RoundRecord:
+        """Run the next round; evaluate the (EMA) weights if asked.
+
+        ``done`` holds replies of this round's clients computed before (a round resumed
+        mid-way): those clients are not run again. A client's reply depends only on the
+        round's plan and its own data, so the round ends as it would have uninterrupted.
+        ``on_reply(client, reply)`` is called after each newly computed reply (the
+        secure-remote path, whose clients mask their own uploads, reports none).
+        """
         t = self.round
         plan = RoundPlan(t, round_seed(self.seed, t), self.server.weights.clone())
         chosen = self.sampled_clients(t)
@@ -197,7 +205,11 @@ class Simulator:
             if skipped is None:
                 self._step_secure(outcome.result, plan)
             return self._finish_round(evaluate, chosen, losses, uplink, downlink, extra, skipped, rejected)
-        replies = dict(self._client_work(chosen, plan))
+        replies = dict(done or {})
+        for c, reply in self._client_work([c for c in chosen if c not in replies], plan):
+            replies[c] = reply
+            if on_reply is not None:
+                on_reply(c, reply)
         rejected = tuple(f"client {c}, {replies[c]}" for c in chosen if isinstance(replies[c], str))
         ok = [c for c in chosen if not isinstance(replies[c], str)]
         uploads = [replies[c][0].vector for c in ok]

@@ -1,6 +1,8 @@
 """The `baffle` command end to end: run directory, resume, presets, bad input."""
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import baffle.config as config_module
 from baffle import runs
@@ -94,6 +97,57 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_round_zero(tmp_p
     (early / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text() + '{"round": 5, "te')
     baffle("run", "--resume", early)
     assert metrics(early) == metrics(full)
+
+
+def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monkeypatch):
+    """A long round (WRN-10-2 BAFFLE on a CPU) keeps its finished clients' replies in
+    round.partial.pt; a resume runs only the others and ends as an uninterrupted run."""
+    from baffle import simulation
+    from baffle.report import build_report
+
+    config = RunConfig(dataset="synthetic", model="linear", mode="fedavg", num_perturbations=10, batch_size=64,
+                       num_clients=4, rounds=3, eval_every=1, train_eval_size=100).validate()
+    full, part, stale = tmp_path / "full", tmp_path / "part", tmp_path / "stale"
+    runs.execute(config, full)
+    calls, stop, real = [], [True], simulation.client_update
+
+    def client_update(engine, data, plan, algo):
+        if stop[0] and plan.round == 1 and [r for r, _ in calls].count(1) == 2:
+            raise KeyboardInterrupt  # killed after two of round 2's four clients
+        calls.append((plan.round, data.client))
+        return real(engine, data, plan, algo)
+
+    monkeypatch.setattr(simulation, "client_update", client_update)
+    with pytest.raises(KeyboardInterrupt):
+        runs.execute(config, part, partial_every=0)  # write the partial round after every reply
+    assert len(metrics(part)) == 1
+    kept = torch.load(part / runs.PARTIAL, weights_only=True)
+    assert kept["round"] == 1 and sorted(kept["replies"]) == [0, 1] and kept["wall_seconds"] > 0
+    # the kept copy in a report carries the partial round too
+    build_report([part], tmp_path / "report")
+    assert (tmp_path / "report" / "runs" / "part" / runs.PARTIAL).read_bytes() == (part / runs.PARTIAL).read_bytes()
+    shutil.copytree(part, stale)
+    # a partial round that is not the checkpoint's next (here: round 1 of 3) is ignored
+    buf = io.BytesIO()
+    torch.save({"round": 0, "replies": {0: "not a reply"}, "wall_seconds": 1.0}, buf)
+    (stale / runs.PARTIAL).write_bytes(buf.getvalue())
+
+    calls.clear()
+    stop[0] = False
+    runs.execute(config, part, resume=True, setup=runs.build(config))
+    assert calls[:2] == [(1, 2), (1, 3)] and len(calls) == 2 + 4  # round 2's other clients, then round 3
+    assert metrics(part) == metrics(full) and not (part / runs.PARTIAL).exists()
+    calls.clear()
+    runs.execute(config, stale, resume=True, setup=runs.build(config))
+    assert [r for r, _ in calls] == [1] * 4 + [2] * 4
+    assert metrics(stale) == metrics(full) and not (stale / runs.PARTIAL).exists()
+
+    # with the default interval (a minute) these short rounds write no partial file
+    calls.clear()
+    stop[0] = True
+    with pytest.raises(KeyboardInterrupt):
+        runs.execute(config, tmp_path / "quick")
+    assert not (tmp_path / "quick" / runs.PARTIAL).exists()
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
