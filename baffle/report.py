@@ -96,8 +96,12 @@ def _keep(path: Path, out: Path, name: str) -> str | None:
     dest.mkdir(parents=True, exist_ok=True)
     finished = (path / SUMMARY).is_file()
     for file in (CHECKPOINT, PARTIAL, CONFIG, METRICS, SUMMARY):
-        if (path / file).is_file() and not (file in (CHECKPOINT, PARTIAL) and finished):
-            atomic_write(dest / file, (path / file).read_bytes())
+        try:  # a running run may remove its partial round between the test and the read
+            data = None if file in (CHECKPOINT, PARTIAL) and finished else (path / file).read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            atomic_write(dest / file, data)
         elif (dest / file).exists():
             (dest / file).unlink()  # an older copy's summary or checkpoint must not outlive the run's state
     if not (path / NOTES).is_file():

@@ -17,8 +17,9 @@ wall_seconds is real elapsed time of the run (I/O included), summed over resumes
 
 A round whose clients take long (WRN-10-2 BAFFLE on a CPU: hours a round) keeps
 its progress in round.partial.pt: the replies of the clients done so far, written
-atomically after a client's reply once ``partial_every`` seconds (PARTIAL_EVERY_S)
-have passed since the round started or the file was last written. A resume runs
+atomically after a client's reply (or a group's, computed together) once
+``partial_every`` seconds (PARTIAL_EVERY_S) have passed since the round started or
+the file was last written. A resume runs
 only the round's other clients; the file is removed once the round's checkpoint is
 written, and ignored if it belongs to another round than the checkpoint's next.
 """
@@ -267,13 +268,6 @@ def execute(
         return _execute(config, out, resume, setup, on_round, partial_every)
 
 
-def _load(out: Path, name: str):
-    try:
-        return torch.load(out / name, weights_only=True)
-    except Exception as e:  # corrupt or foreign file: name it, do not execute it
-        raise ConfigError(f"cannot resume {out}: {name} is unreadable ({type(e).__name__})") from None
-
-
 class PartialRound:
     """The replies of the current round's clients so far, kept in round.partial.pt."""
 
@@ -285,22 +279,27 @@ class PartialRound:
         """(replies, wall_seconds) kept for round ``round_`` (0-based), or ({}, None)."""
         if not self.path.exists():
             return {}, None
-        state = _load(self.path.parent, self.path.name)
-        if int(state["round"]) != round_:
-            return {}, None
-        self.round = round_
-        self.replies = {int(c): r if isinstance(r, str) else (Upload(int(c), round_, r[0]), ClientStats(*r[1:]))
-                        for c, r in state["replies"].items()}
-        return dict(self.replies), float(state["wall_seconds"])
+        try:
+            state = torch.load(self.path, weights_only=True)
+            if int(state["round"]) != round_:
+                return {}, None
+            replies = {int(c): r if isinstance(r, str) else (Upload(int(c), round_, r[0]), ClientStats(*r[1:]))
+                       for c, r in state["replies"].items()}
+            wall = float(state["wall_seconds"])
+        except Exception as e:  # corrupt or foreign file: name it, do not execute it
+            raise ConfigError(f"cannot resume {self.path.parent}: {PARTIAL} is unreadable "
+                              f"({type(e).__name__}); delete it to redo round {round_ + 1} from its start") from None
+        self.round, self.replies = round_, replies
+        return dict(replies), wall
 
     def start(self, round_: int) -> None:
         if round_ != self.round:
             self.round, self.replies = round_, {}
         self.saved = time.perf_counter()
 
-    def add(self, client: int, reply, wall_seconds: float) -> None:
-        """Note ``client``'s reply; write the file if ``every`` seconds have passed since the last write."""
-        self.replies[client] = reply
+    def add(self, replies: dict, wall_seconds: float) -> None:
+        """Note a batch of replies; write the file if ``every`` seconds have passed since the last write."""
+        self.replies.update(replies)
         if time.perf_counter() - self.saved < self.every:
             return
         encoded = {c: r if isinstance(r, str) else (r[0].vector.clone(), r[1].forward_passes, r[1].backward_passes,
@@ -323,7 +322,10 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
     wall = 0.0
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
-        state = _load(out, CHECKPOINT)
+        try:
+            state = torch.load(ckpt, weights_only=True)
+        except Exception as e:  # corrupt or foreign file: name it, do not execute it
+            raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable ({type(e).__name__})") from None
         sim.load_state_dict(state["simulator"])
         wall = float(state["wall_seconds"])
         metrics = read_metrics(out / METRICS, sim.round)
@@ -343,7 +345,7 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
             last = sim.round + 1 == config.rounds
             partial.start(sim.round)
             record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0, done=done,
-                              on_reply=lambda c, reply: partial.add(c, reply, time.perf_counter() - started))
+                              on_replies=lambda batch: partial.add(batch, time.perf_counter() - started))
             done = {}
             row = {**record.to_dict(), "wall_seconds": round(time.perf_counter() - started, 3)}
             metrics.append(row)

@@ -177,14 +177,17 @@ class Simulator:
         return client_sampler(len(self.clients), self.client_fraction, rng).tolist()
 
     def step(self, evaluate: bool = True, done: Mapping[int, object] | None = None,
-             on_reply: Callable[[int, object], None] | None = None) -> RoundRecord:
+             on_replies: Callable[[dict[int, object]], None] | None = None) -> RoundRecord:
         """Run the next round; evaluate the (EMA) weights if asked.
 
-        ``done`` holds replies of this round's clients computed before (a round resumed
-        mid-way): those clients are not run again. A client's reply depends only on the
-        round's plan and its own data, so the round ends as it would have uninterrupted.
-        ``on_reply(client, reply)`` is called after each newly computed reply (the
-        secure-remote path, whose clients mask their own uploads, reports none).
+        ``on_replies({client: reply})`` is called after each batch of clients computed
+        together (one client, or ``clients_per_forward`` FedSGD BAFFLE clients sharing
+        their forwards; the secure-remote path, whose clients mask their own uploads,
+        reports none). ``done`` holds the replies so reported before this round was
+        interrupted: those clients are not run again. A client's reply depends only on
+        the round's plan and its own data, and whole batches are skipped, so the others
+        are grouped as they would have been and the round ends as it would have
+        uninterrupted.
         """
         t = self.round
         plan = RoundPlan(t, round_seed(self.seed, t), self.server.weights.clone())
@@ -206,10 +209,10 @@ class Simulator:
                 self._step_secure(outcome.result, plan)
             return self._finish_round(evaluate, chosen, losses, uplink, downlink, extra, skipped, rejected)
         replies = dict(done or {})
-        for c, reply in self._client_work([c for c in chosen if c not in replies], plan):
-            replies[c] = reply
-            if on_reply is not None:
-                on_reply(c, reply)
+        for batch in self._client_work([c for c in chosen if c not in replies], plan):
+            replies.update(batch)
+            if on_replies is not None:
+                on_replies(batch)
         rejected = tuple(f"client {c}, {replies[c]}" for c in chosen if isinstance(replies[c], str))
         ok = [c for c in chosen if not isinstance(replies[c], str)]
         uploads = [replies[c][0].vector for c in ok]
@@ -285,26 +288,28 @@ class Simulator:
         )
 
     def _client_work(self, chosen: list[int], plan: RoundPlan):
-        """(client, (Upload, ClientStats) or the reason it refused) for every chosen client.
+        """Batches {client: (Upload, ClientStats) or the reason it refused} covering the
+        chosen clients, one batch per piece of work done together.
 
         FedSGD baffle torch clients are evaluated ``clients_per_forward`` at a time
-        (same results, bigger forwards); edge clients each run on their own.
+        (same results, bigger forwards); edge clients each run on their own; remote
+        clients' replies come back together.
         """
         algo, group = self.algorithm, self.clients_per_forward
         if self.remote is not None:
-            yield from self.remote.work(chosen, plan, {c: len(self.clients[c]) for c in chosen})
+            yield dict(self.remote.work(chosen, plan, {c: len(self.clients[c]) for c in chosen}))
             return
         for c in chosen:
             if c in self.edge_clients:
-                yield c, self._edge_update(self.edge_clients[c], self.clients[c], plan)
+                yield {c: self._edge_update(self.edge_clients[c], self.clients[c], plan)}
         local = [c for c in chosen if c not in self.edge_clients]
         if algo.mode == "fedsgd" and algo.method == "baffle" and group > 1:
             for i in range(0, len(local), group):
                 part = local[i : i + group]
-                yield from zip(part, fedsgd_clients(self.engine, [self.clients[c] for c in part], plan, algo))
+                yield dict(zip(part, fedsgd_clients(self.engine, [self.clients[c] for c in part], plan, algo)))
         else:
             for c in local:
-                yield c, client_update(self.engine, self.clients[c], plan, algo)
+                yield {c: client_update(self.engine, self.clients[c], plan, algo)}
 
     def _edge_update(self, client: EdgeClient, data: ClientData, plan: RoundPlan):
         x, y = data.batch(plan.round, self.algorithm.batch_size)

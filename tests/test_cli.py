@@ -99,27 +99,40 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_round_zero(tmp_p
     assert metrics(early) == metrics(full)
 
 
-def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monkeypatch):
-    """A long round (WRN-10-2 BAFFLE on a CPU) keeps its finished clients' replies in
-    round.partial.pt; a resume runs only the others and ends as an uninterrupted run."""
+MIDWAY = dict(dataset="synthetic", model="linear", num_perturbations=10, batch_size=64, num_clients=4, rounds=3,
+              eval_every=1, train_eval_size=100)
+
+
+def stop_in_round_2(monkeypatch, name: str, calls: list, stop: list) -> None:
+    """Patch simulation.<name> (the client work) to log (round, clients) and raise
+    KeyboardInterrupt, while stop[0], at round 2's third client, as a kill would."""
     from baffle import simulation
-    from baffle.report import build_report
+    real = getattr(simulation, name)
 
-    config = RunConfig(dataset="synthetic", model="linear", mode="fedavg", num_perturbations=10, batch_size=64,
-                       num_clients=4, rounds=3, eval_every=1, train_eval_size=100).validate()
-    full, part, stale = tmp_path / "full", tmp_path / "part", tmp_path / "stale"
-    runs.execute(config, full)
-    calls, stop, real = [], [True], simulation.client_update
-
-    def client_update(engine, data, plan, algo):
-        if stop[0] and plan.round == 1 and [r for r, _ in calls].count(1) == 2:
-            raise KeyboardInterrupt  # killed after two of round 2's four clients
-        calls.append((plan.round, data.client))
+    def work(engine, data, plan, algo):
+        clients = [d.client for d in (data if isinstance(data, list) else [data])]
+        if stop[0] and plan.round == 1 and clients[0] == 2:
+            raise KeyboardInterrupt
+        calls.append((plan.round, clients))
         return real(engine, data, plan, algo)
 
-    monkeypatch.setattr(simulation, "client_update", client_update)
+    monkeypatch.setattr(simulation, name, work)
+
+
+@pytest.mark.parametrize("mode, work", [("fedavg", "client_update"), ("fedsgd", "fedsgd_clients")])
+def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monkeypatch, mode, work):
+    """A long round (WRN-10-2 BAFFLE on a CPU) keeps its finished clients' replies in
+    round.partial.pt; a resume runs only the others and ends as an uninterrupted run.
+    FedSGD BAFFLE clients run two at a time here (clients_per_forward=2): whole groups are kept."""
+    from baffle.report import build_report
+
+    config = RunConfig(**MIDWAY, mode=mode, clients_per_forward=2).validate()
+    full, part, stale = tmp_path / "full", tmp_path / "part", tmp_path / "stale"
+    runs.execute(config, full)
+    calls, stop = [], [True]
+    stop_in_round_2(monkeypatch, work, calls, stop)
     with pytest.raises(KeyboardInterrupt):
-        runs.execute(config, part, partial_every=0)  # write the partial round after every reply
+        runs.execute(config, part, partial_every=0)  # write the partial round after every batch of replies
     assert len(metrics(part)) == 1
     kept = torch.load(part / runs.PARTIAL, weights_only=True)
     assert kept["round"] == 1 and sorted(kept["replies"]) == [0, 1] and kept["wall_seconds"] > 0
@@ -135,11 +148,14 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
     calls.clear()
     stop[0] = False
     runs.execute(config, part, resume=True, setup=runs.build(config))
-    assert calls[:2] == [(1, 2), (1, 3)] and len(calls) == 2 + 4  # round 2's other clients, then round 3
+    assert [c for r, cs in calls if r == 1 for c in cs] == [2, 3]  # round 2's other clients only
+    assert [c for r, cs in calls if r == 2 for c in cs] == [0, 1, 2, 3]
     assert metrics(part) == metrics(full) and not (part / runs.PARTIAL).exists()
+    resumed_wall = json.loads((part / "metrics.jsonl").read_text().splitlines()[1])["wall_seconds"]
+    assert resumed_wall >= kept["wall_seconds"]  # the time spent on the kept clients counts
     calls.clear()
     runs.execute(config, stale, resume=True, setup=runs.build(config))
-    assert [r for r, _ in calls] == [1] * 4 + [2] * 4
+    assert [c for r, cs in calls if r == 1 for c in cs] == [0, 1, 2, 3]
     assert metrics(stale) == metrics(full) and not (stale / runs.PARTIAL).exists()
 
     # with the default interval (a minute) these short rounds write no partial file
@@ -148,6 +164,13 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         runs.execute(config, tmp_path / "quick")
     assert not (tmp_path / "quick" / runs.PARTIAL).exists()
+    # a damaged partial round is named, with what to do, and nothing is run
+    (tmp_path / "quick" / runs.PARTIAL).write_bytes(b"not a torch file")
+    calls.clear()
+    with pytest.raises(ConfigError, match=r"^cannot resume .*quick: round.partial.pt is unreadable \(\w+\); "
+                                          r"delete it to redo round 2 from its start$"):
+        runs.execute(config, tmp_path / "quick", resume=True, setup=runs.build(config))
+    assert calls == []
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
