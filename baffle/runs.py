@@ -19,9 +19,9 @@ A round whose clients take long (WRN-10-2 BAFFLE on a CPU: hours a round) keeps
 its progress in round.partial.pt: the replies of the clients done so far, written
 atomically after a client's reply (or a group's, computed together) once
 ``partial_every`` seconds (PARTIAL_EVERY_S) have passed since the round started or
-the file was last written. A resume runs
-only the round's other clients; the file is removed once the round's checkpoint is
-written, and ignored if it belongs to another round than the checkpoint's next.
+the file was last written. A resume runs only the round's other clients; the file
+is removed once the round's checkpoint is written, and ignored if it belongs to
+another round than the checkpoint's next.
 """
 from __future__ import annotations
 
