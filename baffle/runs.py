@@ -273,7 +273,6 @@ class PartialRound:
 
     def __init__(self, path: Path, every: float):
         self.path, self.every = path, every
-        self.round, self.replies, self.saved = -1, {}, time.perf_counter()
 
     def resume(self, round_: int) -> tuple[dict, float | None]:
         """(replies, wall_seconds) kept for round ``round_`` (0-based), or ({}, None)."""
@@ -289,13 +288,11 @@ class PartialRound:
         except Exception as e:  # corrupt or foreign file: name it, do not execute it
             raise ConfigError(f"cannot resume {self.path.parent}: {PARTIAL} is unreadable "
                               f"({type(e).__name__}); delete it to redo round {round_ + 1} from its start") from None
-        self.round, self.replies = round_, replies
-        return dict(replies), wall
+        return replies, wall
 
-    def start(self, round_: int) -> None:
-        if round_ != self.round:
-            self.round, self.replies = round_, {}
-        self.saved = time.perf_counter()
+    def start(self, round_: int, done: dict) -> None:
+        """Round ``round_`` (0-based) begins, its clients in ``done`` already replied."""
+        self.round, self.replies, self.saved = round_, dict(done), time.perf_counter()
 
     def add(self, replies: dict, wall_seconds: float) -> None:
         """Note a batch of replies; write the file if ``every`` seconds have passed since the last write."""
@@ -312,7 +309,6 @@ class PartialRound:
 
     def finished(self) -> None:
         self.path.unlink(missing_ok=True)
-        self.round, self.replies = -1, {}
 
 
 def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
@@ -343,7 +339,7 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
     with open(out / METRICS, "a") as log:
         while sim.round < config.rounds:
             last = sim.round + 1 == config.rounds
-            partial.start(sim.round)
+            partial.start(sim.round, done)
             record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0, done=done,
                               on_replies=lambda batch: partial.add(batch, time.perf_counter() - started))
             done = {}
