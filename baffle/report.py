@@ -150,8 +150,9 @@ def build_report(paths: list[Path], out: Path) -> Path:
 
 
 def _sections(runs: list[Run]) -> list[tuple[str, list[Run]]]:
-    """Runs grouped by section, sections in SECTIONS order, runs in the order given."""
-    return [(s, group) for s in SECTIONS if (group := [r for r in runs if section_of(r) == s])]
+    """Runs grouped by section, sections in SECTIONS order, runs by name (not by the shell's glob order)."""
+    return [(s, group) for s in SECTIONS
+            if (group := sorted((r for r in runs if section_of(r) == s), key=lambda r: r.name))]
 
 
 def _pct(x: float | None) -> str:

@@ -132,8 +132,14 @@ def test_sections_group_runs_by_preset_family():
     runs = [run("a", "quick"), run("b", "noniid-lenet-mnist-k200"), run("c", "table1-lenet-mnist-bp"),
             run("d", None), run("e", "fig2-lenet-mnist-fedsgd-k100"), run("f", "table1-wrn-mnist-k100"),
             run("g", "reach-lenet-mnist-k50")]
-    assert [(s, [r.name for r in g]) for s, g in _sections(runs)] == [
-        ("table1", ["c", "f"]), ("fig2", ["e"]), ("noniid", ["b"]), ("reach", ["g"]), ("other", ["a", "d"])]
+    expected = [("table1", ["c", "f"]), ("fig2", ["e"]), ("noniid", ["b"]), ("reach", ["g"]), ("other", ["a", "d"])]
+    assert [(s, [r.name for r in g]) for s, g in _sections(runs)] == expected
+    # the order of the directories given (a shell glob's, which depends on the locale) does not matter
+    assert [(s, [r.name for r in g]) for s, g in _sections(runs[::-1])] == expected
+    assert render(runs[::-1]) == render(runs)
+    # a name that is a prefix of another comes first, whatever the locale sorts "/" and "-" as
+    pair = [run(name, "table1-lenet-mnist-bp") for name in ("table1-lenet-mnist-bp-fedsgd", "table1-lenet-mnist-bp")]
+    assert [r.name for r in _sections(pair)[0][1]] == ["table1-lenet-mnist-bp", "table1-lenet-mnist-bp-fedsgd"]
     text = render(runs)
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "reach", "other")] + [
