@@ -1,12 +1,13 @@
 """The ``baffle`` command: ``baffle run``, ``baffle export-onnx``, ``baffle report``, ``baffle presets``.
 
 The only layer that talks to the user: progress bar, summaries, one-line errors
-(exit code 2 for bad input, 130 for Ctrl-C, with the command that resumes).
+(exit code 2 for bad input; 130 for Ctrl-C and 143 for SIGTERM, with the command that resumes).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,20 @@ from .config import ConfigError, RunConfig, load_preset, preset_names, resolve
 from .data import DataError
 
 DEFAULT_PRESET = "quick"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler or service manager stopping the job): stops a run as Ctrl-C does.
+
+    A job started in the background by a script ignores Ctrl-C's SIGINT, so ``kill`` is how it is stopped.
+    Under ``--engine flower`` Ray installs its own SIGTERM handler: the run ends as if killed outright.
+    """
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,14 +179,15 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
             summary = run_on_flower(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
         else:
             summary = runs.execute(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
+        code = e.exit_code if isinstance(e, Terminated) else 130
         print(f"baffle: interrupted; continue with: baffle run --resume {out}", file=err)
         if config.engine == "flower":
             from .flower.simulate import exit_now
 
-            exit_now(130)  # Flower may leave threads that a normal exit would wait for forever
-        return 130
+            exit_now(code)  # Flower may leave threads that a normal exit would wait for forever
+        return code
     except FloatingPointError as e:
         bar.close()
         print(f"baffle: error: training diverged after round {setup.simulator.round} ({e}); "
@@ -187,6 +203,7 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "presets":
             return cmd_presets()
@@ -204,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. an unwritable --out
         print(f"baffle: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before training started: nothing was written
+    except KeyboardInterrupt as e:  # before training started: nothing was written
         print("baffle: interrupted", file=sys.stderr)
-        return 130
+        return e.exit_code if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ A round whose clients take long (WRN-10-2 BAFFLE on a CPU: hours a round) keeps
 its progress in round.partial.pt: the replies of the clients done so far, written
 atomically after a client's reply (or a group's, computed together) once
 ``partial_every`` seconds (PARTIAL_EVERY_S) have passed since the round started or
-the file was last written. A resume runs only the round's other clients; the file
-is removed once the round's checkpoint is written, and ignored if it belongs to
-another round than the checkpoint's next.
+the file was last written, and when the run is stopped (Ctrl-C; SIGTERM in the CLI).
+A resume runs only the round's other clients; the file is removed once the round's
+checkpoint is written, and ignored if it belongs to another round than the checkpoint's next.
 """
 from __future__ import annotations
 
@@ -297,7 +297,12 @@ class PartialRound:
     def add(self, replies: dict, wall_seconds: float) -> None:
         """Note a batch of replies; write the file if ``every`` seconds have passed since the last write."""
         self.replies.update(replies)
-        if time.perf_counter() - self.saved < self.every:
+        if time.perf_counter() - self.saved >= self.every:
+            self.save(wall_seconds)
+
+    def save(self, wall_seconds: float) -> None:
+        """Write the replies noted so far (none: nothing to keep, no file)."""
+        if not self.replies:
             return
         encoded = {c: r if isinstance(r, str) else (r[0].vector.clone(), r[1].forward_passes, r[1].backward_passes,
                                                      r[1].train_loss)
@@ -340,8 +345,12 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
         while sim.round < config.rounds:
             last = sim.round + 1 == config.rounds
             partial.start(sim.round, done)
-            record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0, done=done,
-                              on_replies=lambda batch: partial.add(batch, time.perf_counter() - started))
+            try:
+                record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0, done=done,
+                                  on_replies=lambda batch: partial.add(batch, time.perf_counter() - started))
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep every finished client, not only the last save's
+                partial.save(time.perf_counter() - started)
+                raise
             done = {}
             row = {**record.to_dict(), "wall_seconds": round(time.perf_counter() - started, 3)}
             metrics.append(row)

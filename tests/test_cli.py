@@ -103,16 +103,20 @@ MIDWAY = dict(dataset="synthetic", model="linear", num_perturbations=10, batch_s
               eval_every=1, train_eval_size=100)
 
 
+class Killed(BaseException):
+    """A kill no handler sees (SIGKILL, power loss): unlike KeyboardInterrupt, nothing is saved on the way out."""
+
+
 def stop_in_round_2(monkeypatch, name: str, calls: list, stop: list) -> None:
     """Patch simulation.<name> (the client work) to log (round, clients) and raise
-    KeyboardInterrupt, while stop[0], at round 2's third client, as a kill would."""
+    stop[0] (an exception class, or None) at round 2's third client."""
     from baffle import simulation
     real = getattr(simulation, name)
 
     def work(engine, data, plan, algo):
         clients = [d.client for d in (data if isinstance(data, list) else [data])]
         if stop[0] and plan.round == 1 and clients[0] == 2:
-            raise KeyboardInterrupt
+            raise stop[0]
         calls.append((plan.round, clients))
         return real(engine, data, plan, algo)
 
@@ -129,9 +133,9 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
     config = RunConfig(**MIDWAY, mode=mode, clients_per_forward=2).validate()
     full, part, stale = tmp_path / "full", tmp_path / "part", tmp_path / "stale"
     runs.execute(config, full)
-    calls, stop = [], [True]
+    calls, stop = [], [Killed]
     stop_in_round_2(monkeypatch, work, calls, stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         runs.execute(config, part, partial_every=0)  # write the partial round after every batch of replies
     assert len(metrics(part)) == 1
     kept = torch.load(part / runs.PARTIAL, weights_only=True)
@@ -146,7 +150,7 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
     (stale / runs.PARTIAL).write_bytes(buf.getvalue())
 
     calls.clear()
-    stop[0] = False
+    stop[0] = None
     runs.execute(config, part, resume=True, setup=runs.build(config))
     assert [c for r, cs in calls if r == 1 for c in cs] == [2, 3]  # round 2's other clients only
     assert [c for r, cs in calls if r == 2 for c in cs] == [0, 1, 2, 3]
@@ -158,12 +162,17 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
     assert [c for r, cs in calls if r == 1 for c in cs] == [0, 1, 2, 3]
     assert metrics(stale) == metrics(full) and not (stale / runs.PARTIAL).exists()
 
-    # with the default interval (a minute) these short rounds write no partial file
+    # with the default interval (a minute) these short rounds write no partial file before a kill;
+    # a stop (Ctrl-C, or SIGTERM, which the CLI turns into the same) writes it with every finished client
     calls.clear()
-    stop[0] = True
+    stop[0] = Killed
+    with pytest.raises(Killed):
+        runs.execute(config, tmp_path / "killed")
+    assert not (tmp_path / "killed" / runs.PARTIAL).exists()
+    stop[0] = KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         runs.execute(config, tmp_path / "quick")
-    assert not (tmp_path / "quick" / runs.PARTIAL).exists()
+    assert sorted(torch.load(tmp_path / "quick" / runs.PARTIAL, weights_only=True)["replies"]) == [0, 1]
     # a damaged partial round is named, with what to do, and nothing is run
     (tmp_path / "quick" / runs.PARTIAL).write_bytes(b"not a torch file")
     calls.clear()
@@ -173,17 +182,20 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
     assert calls == []
 
 
-def test_ctrl_c_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_kill_says_how_to_resume(tmp_path, sig, code):
+    """Ctrl-C, or SIGTERM (``kill``, a scheduler; a background job ignores SIGINT) stops a run cleanly."""
     run = tmp_path / "run"
     proc = subprocess.Popen([*BAFFLE, "run", *SMALL, "--rounds", "200", "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "checkpoint.pt").exists():
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert f"baffle run --resume {run}" in err and "Traceback" not in err
+    assert proc.returncode == code
+    assert err.strip().splitlines()[-1] == f"baffle: interrupted; continue with: baffle run --resume {run}"
+    assert "Traceback" not in err
 
 
 def test_a_run_directory_in_use_is_refused_and_left_intact(tmp_path):
