@@ -31,6 +31,11 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+def _interrupted_code(e: KeyboardInterrupt) -> int:
+    """The exit code of a stop: 143 for SIGTERM, 130 for Ctrl-C."""
+    return e.exit_code if isinstance(e, Terminated) else 130
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         self.exit(2, f"baffle: error: {message}\n")
@@ -181,7 +186,7 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
             summary = runs.execute(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
     except KeyboardInterrupt as e:
         bar.close()
-        code = e.exit_code if isinstance(e, Terminated) else 130
+        code = _interrupted_code(e)
         print(f"baffle: interrupted; continue with: baffle run --resume {out}", file=err)
         if config.engine == "flower":
             from .flower.simulate import exit_now
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:  # before training started: nothing was written
         print("baffle: interrupted", file=sys.stderr)
-        return e.exit_code if isinstance(e, Terminated) else 130
+        return _interrupted_code(e)
 
 
 if __name__ == "__main__":
