@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -20,6 +21,13 @@ def _threads_per_test() -> int:
 
 
 THREADS = _threads_per_test()
+
+# The Ctrl-C tests send SIGINT to a child `baffle run`. A test suite started as a background job
+# of a script (`make test &`, nohup) inherits SIGINT ignored, and so would every child, which then
+# (rightly, as any program must) goes on running. Give the children the default disposition: a
+# handler set here is reset to the default when a child execs, where SIG_IGN would be inherited.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
