@@ -136,7 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--out cannot be combined with --resume (the run continues in its own directory)")
         stored = runs.check_resumable(args.resume, None)
         # --threads is a resource of this process, not part of the experiment: a resume may change it
-        threads = resolve(stored.preset, {"threads": overrides.pop("threads")}).threads \
+        # (checked on the stored values: the run's preset may since have been renamed or removed)
+        threads = RunConfig.from_dict(stored.to_dict() | {"threads": overrides.pop("threads")},
+                                      source="--threads").validate().threads \
             if "threads" in overrides else stored.threads
         if args.preset or overrides:  # a resume that restates its config must restate it exactly
             runs.check_resumable(args.resume, resolve(args.preset or stored.preset, overrides | {"threads": stored.threads}))

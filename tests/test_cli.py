@@ -292,6 +292,12 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
     assert (run / "config.json").read_text() == stored and (run / "metrics.jsonl").read_text() == before
     out = baffle("run", "--resume", run, "--threads", "0", check=False)
     assert out.returncode == 2 and "threads" in out.stderr
+    # ... also where the run's preset is no longer known (renamed or removed since)
+    config = json.loads(stored)
+    (run / "config.json").write_text(json.dumps(config | {"preset": "renamed-since"}))
+    baffle("run", "--resume", run, "--threads", "1")
+    assert (run / "metrics.jsonl").read_text() == before
+    (run / "config.json").write_text(stored)
     out = baffle("run", "--resume", tmp_path / "missing", check=False)
     assert out.returncode == 2 and "config.json" in out.stderr
     out = baffle("run", *SMALL, "--out", run, check=False)  # not over an existing run
