@@ -7,7 +7,9 @@ W, each W + d_i, and W + mean_i d_i (the FedAvg step with server SGD lr 1, if on
 these clients had replied), and prints the deltas' norms and pairwise cosines, to
 tell whether the clients learn alone and lose it in the average, or do not learn.
 
-    .venv/bin/python docs/results/probes/client_average.py RUN_DIR
+    .venv/bin/python docs/results/probes/client_average.py RUN_DIR [CLIENTS]
+
+CLIENTS (for example 0,1) keeps only those of the kept clients.
 """
 import json
 import sys
@@ -21,8 +23,8 @@ from baffle.flatmodel import FlatModel
 from baffle.runs import build_model_for
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: .venv/bin/python docs/results/probes/client_average.py RUN_DIR")
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: .venv/bin/python docs/results/probes/client_average.py RUN_DIR [CLIENTS]")
     run = Path(sys.argv[1])
     for name in ("config.json", "checkpoint.pt", "round.partial.pt"):
         if not (run / name).is_file():
@@ -35,6 +37,11 @@ if __name__ == "__main__":
     w = torch.load(run / "checkpoint.pt", weights_only=False)["simulator"]["server"]["w"]
     partial = torch.load(run / "round.partial.pt", weights_only=False)
     deltas = {c: r[0] for c, r in sorted(partial["replies"].items()) if not isinstance(r, str)}
+    if len(sys.argv) == 3:
+        wanted = {int(c) for c in sys.argv[2].split(",")}
+        if wanted - set(deltas):
+            sys.exit(f"client(s) {sorted(wanted - set(deltas))} not kept in {run}/round.partial.pt (kept: {sorted(deltas)})")
+        deltas = {c: d for c, d in deltas.items() if c in wanted}
     if not deltas:
         sys.exit(f"{run}/round.partial.pt holds no client replies")
     mean = torch.stack(list(deltas.values())).mean(0)
