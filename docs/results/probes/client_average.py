@@ -7,10 +7,12 @@ W, each W + d_i, and W + mean_i d_i (the FedAvg step with server SGD lr 1, if on
 these clients had replied), and prints the deltas' norms and pairwise cosines, to
 tell whether the clients learn alone and lose it in the average, or do not learn.
 
-    .venv/bin/python docs/results/probes/client_average.py RUN_DIR [CLIENTS]
+    .venv/bin/python docs/results/probes/client_average.py RUN_DIR [--clients 0,1] [--scales 0.1,0.2]
 
-CLIENTS (for example 0,1) keeps only those of the kept clients.
+--clients keeps only those of the kept clients; --scales also evaluates W + s * mean_i d_i
+for each s (a server step of lr s on the average).
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,9 +25,12 @@ from baffle.flatmodel import FlatModel
 from baffle.runs import build_model_for
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: .venv/bin/python docs/results/probes/client_average.py RUN_DIR [CLIENTS]")
-    run = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--clients", default="", help="comma-separated client ids (default: all kept)")
+    parser.add_argument("--scales", default="", help="comma-separated server step sizes s for W + s * mean")
+    args = parser.parse_args()
+    run = args.run
     for name in ("config.json", "checkpoint.pt", "round.partial.pt"):
         if not (run / name).is_file():
             sys.exit(f"{run} has no {name}: the probe needs an unfinished round with clients kept")
@@ -37,8 +42,8 @@ if __name__ == "__main__":
     w = torch.load(run / "checkpoint.pt", weights_only=False)["simulator"]["server"]["w"]
     partial = torch.load(run / "round.partial.pt", weights_only=False)
     deltas = {c: r[0] for c, r in sorted(partial["replies"].items()) if not isinstance(r, str)}
-    if len(sys.argv) == 3:
-        wanted = {int(c) for c in sys.argv[2].split(",")}
+    if args.clients:
+        wanted = {int(c) for c in args.clients.split(",")}
         if wanted - set(deltas):
             sys.exit(f"client(s) {sorted(wanted - set(deltas))} not kept in {run}/round.partial.pt (kept: {sorted(deltas)})")
         deltas = {c: d for c, d in deltas.items() if c in wanted}
@@ -58,6 +63,8 @@ if __name__ == "__main__":
     for c, d in deltas.items():
         show(f"W + d_{c}", w + d, f"{d.norm():.2f}")
     show(f"W + mean of {len(deltas)} deltas", w + mean, f"{mean.norm():.2f}")
+    for s in (float(x) for x in args.scales.split(",") if x):
+        show(f"W + {s:g} x mean of {len(deltas)} deltas", w + s * mean, f"{s * mean.norm():.2f}")
     ds = torch.stack([d / d.norm() for d in deltas.values()])
     cos = ds @ ds.T
     off = cos[~torch.eye(len(ds), dtype=torch.bool)]
