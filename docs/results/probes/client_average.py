@@ -25,10 +25,16 @@ from baffle.flatmodel import FlatModel
 from baffle.runs import build_model_for
 
 if __name__ == "__main__":
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",")]
+
+    def floats(text: str) -> list[float]:
+        return [float(x) for x in text.split(",")]
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--clients", default="", help="comma-separated client ids (default: all kept)")
-    parser.add_argument("--scales", default="", help="comma-separated server step sizes s for W + s * mean")
+    parser.add_argument("--clients", type=ints, default=None, help="comma-separated client ids (default: all kept)")
+    parser.add_argument("--scales", type=floats, default=[], help="comma-separated server step sizes s for W + s * mean")
     args = parser.parse_args()
     run = args.run
     for name in ("config.json", "checkpoint.pt", "round.partial.pt"):
@@ -42,8 +48,8 @@ if __name__ == "__main__":
     w = torch.load(run / "checkpoint.pt", weights_only=False)["simulator"]["server"]["w"]
     partial = torch.load(run / "round.partial.pt", weights_only=False)
     deltas = {c: r[0] for c, r in sorted(partial["replies"].items()) if not isinstance(r, str)}
-    if args.clients:
-        wanted = {int(c) for c in args.clients.split(",")}
+    if args.clients is not None:
+        wanted = set(args.clients)
         if wanted - set(deltas):
             sys.exit(f"client(s) {sorted(wanted - set(deltas))} not kept in {run}/round.partial.pt (kept: {sorted(deltas)})")
         deltas = {c: d for c, d in deltas.items() if c in wanted}
@@ -63,7 +69,7 @@ if __name__ == "__main__":
     for c, d in deltas.items():
         show(f"W + d_{c}", w + d, f"{d.norm():.2f}")
     show(f"W + mean of {len(deltas)} deltas", w + mean, f"{mean.norm():.2f}")
-    for s in (float(x) for x in args.scales.split(",") if x):
+    for s in args.scales:
         show(f"W + {s:g} x mean of {len(deltas)} deltas", w + s * mean, f"{s * mean.norm():.2f}")
     ds = torch.stack([d / d.norm() for d in deltas.values()])
     cos = ds @ ds.T
