@@ -34,6 +34,9 @@ PAPER: dict[str, PaperCell] = {
 for _name in ("table1-lenet-mnist-bp-fedsgd", "table1-lenet-mnist-bp-fedsgd-wd"):
     PAPER[_name] = PAPER["table1-lenet-mnist-bp"]
 
+# the cell a deviation run is measured against (its setting column says what it changes)
+PAPER["deviation-wrn-mnist-k100-lr0.001"] = PAPER["table1-wrn-mnist-k100"]
+
 #: Table 1's MNIST LeNet accuracies: the thresholds of the "forward passes to reach" table.
 LENET_MNIST_TARGETS = tuple(PAPER[f"table1-lenet-mnist-k{k}"].top1 for k in (100, 200, 500))
 

@@ -66,6 +66,7 @@ SECTIONS = {
     "fig2": "Figure 2: batch level (FedSGD), accuracy against rounds and forward passes",
     "noniid": "Label non-iid (Dirichlet partition), MNIST LeNet",
     "reach": "Beyond the paper: fewer forward passes for MNIST LeNet (Table 1 protocol, other K)",
+    "deviation": "Deviations from the paper's stated settings, to find where a shortfall comes from",
     "other": "Other runs",
 }
 

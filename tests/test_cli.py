@@ -349,6 +349,12 @@ def test_table1_presets_match_the_paper():
         assert resolve(f"table1-{model}-mnist-bp", {}).method == "backprop"
 
 
+def test_the_deviation_preset_changes_only_the_client_lr():
+    paper, ours = resolve("table1-wrn-mnist-k100", {}).to_dict(), resolve("deviation-wrn-mnist-k100-lr0.001", {}).to_dict()
+    assert {k for k in paper if paper[k] != ours[k]} == {"client_lr", "description", "preset"}
+    assert (paper["client_lr"], ours["client_lr"]) == (0.01, 0.001)
+
+
 def test_help_lists_options():
     out = baffle("run", "--help")
     for flag in ("--preset", "--out", "--resume", "--num-perturbations", "--sigma", "--mode", "--partition"):

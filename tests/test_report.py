@@ -131,8 +131,10 @@ def test_sections_group_runs_by_preset_family():
 
     runs = [run("a", "quick"), run("b", "noniid-lenet-mnist-k200"), run("c", "table1-lenet-mnist-bp"),
             run("d", None), run("e", "fig2-lenet-mnist-fedsgd-k100"), run("f", "table1-wrn-mnist-k100"),
-            run("g", "reach-lenet-mnist-k50")]
-    expected = [("table1", ["c", "f"]), ("fig2", ["e"]), ("noniid", ["b"]), ("reach", ["g"]), ("other", ["a", "d"])]
+            run("g", "reach-lenet-mnist-k50"),
+            run("h", "deviation-wrn-mnist-k100-lr0.001")]
+    expected = [("table1", ["c", "f"]), ("fig2", ["e"]), ("noniid", ["b"]), ("reach", ["g"]), ("deviation", ["h"]),
+                ("other", ["a", "d"])]
     assert [(s, [r.name for r in g]) for s, g in _sections(runs)] == expected
     # the order of the directories given (a shell glob's, which depends on the locale) does not matter
     assert [(s, [r.name for r in g]) for s, g in _sections(runs[::-1])] == expected
@@ -142,12 +144,12 @@ def test_sections_group_runs_by_preset_family():
     assert [r.name for r in _sections(pair)[0][1]] == ["table1-lenet-mnist-bp", "table1-lenet-mnist-bp-fedsgd"]
     text = render(runs)
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "reach", "other")] + [
+    assert headings == ["## " + SECTIONS[s] for s in ("table1", "fig2", "noniid", "reach", "deviation", "other")] + [
         "## Forward passes to first reach the paper's MNIST LeNet accuracies"]
     assert "| c | lenet mnist" in text and "| 0/? (partial) | - |" in text  # no metrics yet: nothing invented
     reach = text[text.index("## Forward passes to first reach"):]  # its rows in section order too
-    assert [line.split(" | ")[0] for line in reach.splitlines() if line[:4] in {f"| {n} " for n in "abcdefg"}] == [
-        "| c", "| f", "| e", "| b", "| g", "| a", "| d"]
+    assert [line.split(" | ")[0] for line in reach.splitlines() if line[:4] in {f"| {n} " for n in "abcdefgh"}] == [
+        "| c", "| f", "| e", "| b", "| g", "| h", "| a", "| d"]
     bp = Run("bp", {"model": "lenet", "dataset": "mnist", "method": "backprop", "rounds": 2},
              [{"round": 1, "test_top1": 0.95, "forward_passes": 100, "backward_passes": 100, "wall_seconds": 60}], False)
     reach = next(line for line in render([bp]).splitlines() if line.startswith("| bp | 100 "))
