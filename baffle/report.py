@@ -276,15 +276,17 @@ def _reach_table(runs: list[Run]) -> list[str]:
 
 def _plot(runs: list[Run], x: str, label: str) -> bytes:
     fig, ax = figure(1, (7, 4.2))
+    drawn = False  # a run started but not yet evaluated has no point: a log axis needs one
     for run in runs:
         ev = run.evaluated
         xs = [m["forward_passes"] + m.get("backward_passes", 0) if x == "passes" else m[x] for m in ev]
+        drawn = drawn or any(v > 0 for v in xs)
         ax.plot(xs, [100 * m["test_top1"] for m in ev], marker=".",
                 label=run.name + ("" if run.finished else " (partial)"))
     for t in LENET_MNIST_TARGETS:
         ax.axhline(t, color="0.7", lw=0.8, ls="--")
     planned = [r.config.get("rounds") or 1 for r in runs]
-    if x == "passes" or max(planned) > 10 * min(planned):  # 20 FedAvg rounds beside 3740 FedSGD rounds
+    if drawn and (x == "passes" or max(planned) > 10 * min(planned)):  # 20 FedAvg rounds beside 3740 FedSGD
         ax.set_xscale("log")
     ax.set(xlabel=label, ylabel="test top-1 (%)", title=f"test accuracy against {label}")
     ax.grid(alpha=0.3)

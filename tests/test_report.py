@@ -78,6 +78,20 @@ def test_report_places_runs_beside_the_paper_and_marks_partial_runs(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["ablation_forward_passes.png", "ablation_rounds.png"]
 
 
+def test_a_section_whose_only_run_has_no_round_yet_still_gets_its_plots(tmp_path):
+    run = tmp_path / "just-started"
+    run.mkdir()
+    config = resolve("deviation-wrn-mnist-k100-lr0.001", {}).to_dict()
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "metrics.jsonl").write_text("")
+    out = tmp_path / "report"
+    baffle("report", run, "--out", out)
+    for png in ("deviation_rounds.png", "deviation_forward_passes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| just-started | wrn-10-2 mnist, baffle fedavg, K=100, 10 iid clients, client adam 0.001," in (
+        out / "README.md").read_text()
+
+
 def test_a_partial_run_resumes_from_its_kept_copy_on_another_machine(tmp_path):
     full, part = uninterrupted_and_killed(tmp_path, rounds=12, after=4)
     out = tmp_path / "report"
