@@ -140,8 +140,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         threads = RunConfig.from_dict(stored.to_dict() | {"threads": overrides.pop("threads")},
                                       source="--threads").validate().threads \
             if "threads" in overrides else stored.threads
-        if args.preset or overrides:  # a resume that restates its config must restate it exactly
-            runs.check_resumable(args.resume, resolve(args.preset or stored.preset, overrides | {"threads": stored.threads}))
+        # a resume that restates its config must restate it exactly: a preset with its options in full,
+        # options alone one by one (compared with the stored values, not with the preset as it is now)
+        if args.preset:
+            runs.check_resumable(args.resume, resolve(args.preset, overrides | {"threads": stored.threads}))
+        elif overrides:
+            runs.check_resumable(args.resume, RunConfig.from_dict(stored.to_dict() | overrides,
+                                                                  source="the command line").validate())
         config, out = stored, args.resume
     else:
         config = resolve(args.preset or DEFAULT_PRESET, overrides)

@@ -297,6 +297,11 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
     (run / "config.json").write_text(json.dumps(config | {"preset": "renamed-since"}))
     baffle("run", "--resume", run, "--threads", "1")
     assert (run / "metrics.jsonl").read_text() == before
+    # ... and options restated without a preset are compared with the stored values, not the preset's
+    baffle("run", "--resume", run, "--rounds", "2", "--dataset", "synthetic")
+    assert (run / "metrics.jsonl").read_text() == before
+    out = baffle("run", "--resume", run, "--rounds", "3", check=False)
+    assert out.returncode == 2 and out.stderr.strip().endswith("rounds = 2 there, 3 now"), out.stderr
     (run / "config.json").write_text(stored)
     out = baffle("run", "--resume", tmp_path / "missing", check=False)
     assert out.returncode == 2 and "config.json" in out.stderr
