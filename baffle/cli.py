@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -135,18 +136,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.out is not None:
             raise ConfigError("--out cannot be combined with --resume (the run continues in its own directory)")
         stored = runs.check_resumable(args.resume, None)
+        # the options given, over the stored values (not the run's preset as it is now: it may since have
+        # been renamed, removed or edited); with --preset only --threads, as the preset is checked whole below
+        given = {k: v for k, v in overrides.items() if k == "threads"} if args.preset else overrides
+        restated = RunConfig.from_dict(stored.to_dict() | given, source="the command line").validate()
         # --threads is a resource of this process, not part of the experiment: a resume may change it
-        # (checked on the stored values: the run's preset may since have been renamed or removed)
-        threads = RunConfig.from_dict(stored.to_dict() | {"threads": overrides.pop("threads")},
-                                      source="--threads").validate().threads \
-            if "threads" in overrides else stored.threads
+        threads = restated.threads
+        overrides.pop("threads", None)
         # a resume that restates its config must restate it exactly: a preset with its options in full,
-        # options alone one by one (compared with the stored values, not with the preset as it is now)
+        # options alone one by one
         if args.preset:
             runs.check_resumable(args.resume, resolve(args.preset, overrides | {"threads": stored.threads}))
         elif overrides:
-            runs.check_resumable(args.resume, RunConfig.from_dict(stored.to_dict() | overrides,
-                                                                  source="the command line").validate())
+            runs.check_resumable(args.resume, dataclasses.replace(restated, threads=stored.threads))
         config, out = stored, args.resume
     else:
         config = resolve(args.preset or DEFAULT_PRESET, overrides)
