@@ -193,6 +193,8 @@ def coerce(name: str, value: Any, kind: type) -> Any:
             return int(value)
         if kind is float:
             return float(value)
+        if value is None:  # str() would make it the text "None"
+            raise ValueError
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}") from None

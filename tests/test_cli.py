@@ -302,6 +302,10 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
     assert (run / "metrics.jsonl").read_text() == before
     out = baffle("run", "--resume", run, "--rounds", "3", check=False)
     assert out.returncode == 2 and out.stderr.strip().endswith("rounds = 2 there, 3 now"), out.stderr
+    # a hand-edited null in a text field is named, not read as the text "None"
+    (run / "config.json").write_text(json.dumps(config | {"preset": None}))
+    out = baffle("run", "--resume", run, check=False)
+    assert out.returncode == 2 and "preset must be str, got None" in out.stderr, out.stderr
     (run / "config.json").write_text(stored)
     out = baffle("run", "--resume", tmp_path / "missing", check=False)
     assert out.returncode == 2 and "config.json" in out.stderr
