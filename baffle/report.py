@@ -3,8 +3,8 @@
     baffle report RUN_DIR... --out docs/results/
 
 For each run it keeps config.json, metrics.jsonl, summary.json (when the run
-finished), checkpoint.pt (while it has not) and notes.md (when someone wrote one)
-under OUT/runs/<name>/, so the report can be rebuilt from the repository alone
+finished), checkpoint.pt and round.partial.pt (while it has not) and notes.md
+(when someone wrote one) under OUT/runs/<name>/, so the report can be rebuilt from the repository alone
 (``baffle report docs/results/runs/* --out docs/results``) and a partial run resumed
 from its kept copy on another machine. It writes OUT/README.md, one section per preset family
 (Table 1, ablations, Figure 2, non-iid: our accuracy beside the paper's, cited by
@@ -16,6 +16,7 @@ nothing is extrapolated.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from pathlib import Path
 from .config import ConfigError, read_json_object, resolve
 from .paper import LENET_MNIST_TARGETS, PAPER, PAPER_K500_BUDGET, PAPER_K500_FORWARD_PASSES
 from .plots import figure, png
-from .runs import CHECKPOINT, CONFIG, METRICS, PARTIAL, SUMMARY, atomic_write, evaluated_rows, read_metrics
+from .runs import (CHECKPOINT, CONFIG, METRICS, PARTIAL, SUMMARY, atomic_write, evaluated_rows, parse_metrics,
+                   read_metrics)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,12 @@ def load_run(path: Path) -> Run:
     """A run directory's config and metrics (raises ConfigError naming what is missing)."""
     config = read_json_object(path / CONFIG, f"cannot read run directory {path}")
     metrics = read_metrics(path / METRICS, upto=10**12)
-    finished = (path / SUMMARY).is_file() and bool(metrics) and metrics[-1]["round"] == config.get("rounds")
-    return Run(path.resolve().name, config, metrics, finished)
+    return Run(path.resolve().name, config, metrics, _finished(config, metrics, (path / SUMMARY).is_file()))
+
+
+def _finished(config: dict, metrics: list[dict], summary: bool) -> bool:
+    """A run has finished when it wrote its summary and logged its last round."""
+    return summary and bool(metrics) and metrics[-1]["round"] == config.get("rounds")
 
 
 #: An optional hand-written note kept beside a run (what ran it, pauses, what we found).
@@ -81,11 +87,16 @@ def _keep(path: Path, out: Path, name: str) -> str | None:
 
     An unfinished run's checkpoint.pt (and round.partial.pt, the clients done in its
     unfinished round) is kept too, so the kept copy is itself a run directory that
-    ``baffle run --resume`` continues on any machine. The checkpoint is copied before
-    metrics.jsonl: a run appends a round's metric line before it replaces its
-    checkpoint, so the copied lines always cover the copied checkpoint (lines past it
-    are dropped on resume); a partial round that is not the checkpoint's next is
-    ignored on resume. A finished run's copy holds neither.
+    ``baffle run --resume`` continues on any machine; a finished run's copy holds
+    neither, and an unfinished one's no summary.json. "Finished" is decided as in the
+    report (load_run), on the bytes read here.
+
+    The checkpoint is read before metrics.jsonl: a run appends a round's metric line
+    before it replaces its checkpoint, so the lines read always cover the checkpoint
+    read (lines past it are dropped on resume). The copy is written in the other order,
+    config and metrics before the checkpoint, so a copy interrupted midway (Ctrl-C, a
+    full disk) still holds every line of its checkpoint's rounds. A partial round that
+    is not the checkpoint's next is ignored on resume.
 
     notes.md is nobody's state but its author's: the run's note seeds the kept copy,
     but a kept note is never overwritten (a run resumed from a copy of the kept
@@ -94,15 +105,24 @@ def _keep(path: Path, out: Path, name: str) -> str | None:
     dest = out / "runs" / name
     if dest.resolve() == path.resolve():
         return None
-    dest.mkdir(parents=True, exist_ok=True)
-    finished = (path / SUMMARY).is_file()
+    data: dict[str, bytes | None] = {}
     for file in (CHECKPOINT, PARTIAL, CONFIG, METRICS, SUMMARY):
         try:  # a running run may remove its partial round between the test and the read
-            data = None if file in (CHECKPOINT, PARTIAL) and finished else (path / file).read_bytes()
+            data[file] = (path / file).read_bytes()
         except FileNotFoundError:
-            data = None
-        if data is not None:
-            atomic_write(dest / file, data)
+            data[file] = None
+    config = json.loads(data[CONFIG] or b"{}")
+    metrics = parse_metrics((data[METRICS] or b"").decode(), upto=10**12)
+    if _finished(config, metrics, data[SUMMARY] is not None):
+        order = (CONFIG, METRICS, CHECKPOINT, PARTIAL, SUMMARY)
+        data[CHECKPOINT] = data[PARTIAL] = None
+    else:  # a summary left over beside fewer rounds must not make the copy look finished
+        order = (SUMMARY, CONFIG, METRICS, CHECKPOINT, PARTIAL)
+        data[SUMMARY] = None
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in order:
+        if data[file] is not None:
+            atomic_write(dest / file, data[file])
         elif (dest / file).exists():
             (dest / file).unlink()  # an older copy's summary or checkpoint must not outlive the run's state
     if not (path / NOTES).is_file():
@@ -168,7 +188,8 @@ def render(runs: list[Run], notes: dict[str, str] | None = None) -> str:
         f"Generated by `baffle report` on {time.strftime('%Y-%m-%d')} from {len(runs)} run directories "
         "(their config.json, metrics.jsonl, summary.json and notes.md are kept in `runs/`; rebuild with "
         "`baffle report docs/results/runs/* --out docs/results`; a partial run's copy also holds its "
-        "checkpoint.pt, so `baffle run --resume` continues it from a copy of that directory). "
+        "checkpoint.pt, and round.partial.pt with the clients done in its unfinished round, so `baffle run "
+        "--resume` continues it from a copy of that directory). "
         "Paper values: Feng et al., *Does Federated Learning Really Need Backpropagation?*, arXiv 2301.12195, "
         "cited by table and row. A partial run has not finished: its numbers are those of the rounds done, "
         "not a forecast. Wall times are elapsed time on the machine that ran the run, contention with other "

@@ -4,7 +4,7 @@
     metrics.jsonl      one line per round (RoundRecord + wall_seconds)
     checkpoint.pt      state after the last finished round (for --resume)
     round.partial.pt   replies of the clients done so far in the unfinished round
-    summary.json       final and best accuracy, totals, wall time, peak memory
+    summary.json       final and best accuracy, totals, wall time, peak memory (over resumes)
     curves.png         accuracy and loss per round
     model.safetensors  the final evaluated weights (the EMA when it is on)
 
@@ -158,10 +158,13 @@ def build(config: RunConfig) -> Setup:
 
 def read_metrics(path: Path, upto: int) -> list[dict]:
     """Metric lines of rounds 1..upto (lines past the checkpoint are dropped)."""
-    if not path.exists():
-        return []
+    return parse_metrics(path.read_text(), upto) if path.exists() else []
+
+
+def parse_metrics(text: str, upto: int) -> list[dict]:
+    """The lines of a metrics.jsonl's ``text`` up to round ``upto`` (a torn last line ends them)."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -179,6 +182,7 @@ def evaluated_rows(metrics: list[dict]) -> list[dict]:
 
 def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
     """The stored config of run directory ``out``; ``config`` (if given) must match it."""
+    check_not_finished_copy(out)
     values = read_json_object(out / CONFIG, f"cannot resume {out}")
     stored = RunConfig.from_dict(values, source=str(out / CONFIG)).validate()
     if config is not None and config != stored:
@@ -187,6 +191,13 @@ def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
         raise ConfigError(f"resume directory {out} was made with another configuration: "
                           f"{diff} = {a[diff]!r} there, {b[diff]!r} now")
     return stored
+
+
+def check_not_finished_copy(out: Path) -> None:
+    """Refuse to resume a finished run without its checkpoint (e.g. a report's kept copy):
+    it would train again from round 1 over its finished metrics."""
+    if (out / SUMMARY).exists() and not (out / CHECKPOINT).exists():
+        raise ConfigError(f"cannot resume {out}: the run has finished ({SUMMARY}) and holds no {CHECKPOINT}")
 
 
 def new_run_dir(config: RunConfig, out: Path | None) -> Path:
@@ -322,15 +333,24 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
     metrics: list[dict] = []
     wall = 0.0
     ckpt = out / CHECKPOINT
+    peak = 0.0  # MB; the largest peak RSS of the processes that finished a round of this run
     if resume and ckpt.exists():
         try:
             state = torch.load(ckpt, weights_only=True)
-        except Exception as e:  # corrupt or foreign file: name it, do not execute it
-            raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable ({type(e).__name__})") from None
-        sim.load_state_dict(state["simulator"])
-        wall = float(state["wall_seconds"])
+            sim.load_state_dict(state["simulator"])
+            wall = float(state["wall_seconds"])
+            peak = float(state.get("peak_rss_mb", 0.0))  # absent in checkpoints written before 2026-12-03
+        except Exception as e:  # corrupt, foreign or another run's file: name it, do not execute it
+            raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable or not this run's "
+                              f"({type(e).__name__})") from None
         metrics = read_metrics(out / METRICS, sim.round)
+        gap = next((r for r, row in enumerate(metrics, 1) if row.get("round") != r), len(metrics) + 1)
+        if gap <= sim.round:  # a summary and curves over missing rounds would misstate the run
+            raise ConfigError(f"cannot resume {out}: {METRICS} has no line for round {gap} in its place, "
+                              f"and {CHECKPOINT} is at round {sim.round}")
     else:
+        if resume:
+            check_not_finished_copy(out)
         write_json(out / CONFIG, config.to_dict())
     partial = PartialRound(out / PARTIAL, partial_every)
     done, partial_wall = partial.resume(sim.round) if resume else ({}, None)
@@ -358,15 +378,23 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
             log.flush()
             os.fsync(log.fileno())
             buf = io.BytesIO()
-            torch.save({"simulator": sim.state_dict(), "wall_seconds": time.perf_counter() - started}, buf)
+            peak = max(peak, peak_rss_mb())
+            torch.save({"simulator": sim.state_dict(), "wall_seconds": time.perf_counter() - started,
+                        "peak_rss_mb": peak}, buf)
             atomic_write(ckpt, buf.getvalue())
             partial.finished()
             if on_round:
                 on_round(row)
-    return finish(out, config, sim, metrics)
+    return finish(out, config, sim, metrics, peak)
 
 
-def finish(out: Path, config: RunConfig, sim: Simulator, metrics: list[dict]) -> dict:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def finish(out: Path, config: RunConfig, sim: Simulator, metrics: list[dict], peak_mb: float = 0.0) -> dict:
+    """Write the weights, summary.json and curves; ``peak_mb`` is the peak RSS of earlier sessions."""
     from safetensors.torch import save
 
     from .plots import plot_curves
@@ -392,7 +420,7 @@ def finish(out: Path, config: RunConfig, sim: Simulator, metrics: list[dict]) ->
         "backward_passes_total": final["backward_passes"],
         "parameters": sim.n,
         "wall_seconds": final["wall_seconds"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(max(peak_mb, peak_rss_mb()), 1),
     }
     write_json(out / SUMMARY, summary)
     atomic_write(out / PLOT, plot_curves(metrics, title=config.preset or "baffle run"))

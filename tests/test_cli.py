@@ -182,6 +182,44 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
     assert calls == []
 
 
+def test_a_resume_refuses_a_checkpoint_or_metrics_that_do_not_fit_the_run(tmp_path):
+    config = RunConfig(**MIDWAY).validate()
+    run, other = tmp_path / "run", tmp_path / "other"
+    runs.execute(config, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["peak_rss_mb"] > 0  # the peak memory so far travels with the checkpoint
+
+    def resume(d):
+        runs.execute(config, d, resume=True, setup=runs.build(config))
+
+    # a line missing in the middle would give a summary and curves over a round that is not there
+    shutil.copytree(run, other)
+    (other / "metrics.jsonl").write_text(lines[0] + lines[2])
+    with pytest.raises(ConfigError, match=r"^cannot resume .*other: metrics.jsonl has no line for round 2 in its "
+                                          r"place, and checkpoint.pt is at round 3$"):
+        resume(other)
+    assert (other / "metrics.jsonl").read_text() == lines[0] + lines[2]  # left as it was
+    # a file that loads but is not this run's checkpoint: named, not a KeyError traceback
+    (other / "metrics.jsonl").write_text("".join(lines))
+    torch.save({"model": torch.zeros(3)}, other / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"^cannot resume .*other: checkpoint.pt is unreadable or not this "
+                                          r"run's \(KeyError\)$"):
+        resume(other)
+    # another model's checkpoint: the weights do not fit
+    lenet = RunConfig(**{**MIDWAY, "model": "lenet", "rounds": 1}).validate()
+    runs.execute(lenet, tmp_path / "lenet")
+    shutil.copy(tmp_path / "lenet" / "checkpoint.pt", other / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"not this run's \(RuntimeError\)$"):
+        resume(other)
+
+    # summary.json's peak memory is the largest over the run's sessions, not the last one's
+    ckpt["peak_rss_mb"] = 123456.0
+    torch.save(ckpt, run / "checkpoint.pt")
+    resume(run)  # finished: nothing to train, the summary is written again
+    assert json.loads((run / "summary.json").read_text())["peak_rss_mb"] == 123456.0
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_kill_says_how_to_resume(tmp_path, sig, code):
     """Ctrl-C, or SIGTERM (``kill``, a scheduler; a background job ignores SIGINT) stops a run cleanly."""

@@ -106,6 +106,62 @@ def test_a_partial_run_resumes_from_its_kept_copy_on_another_machine(tmp_path):
     # once finished, its kept copy drops the checkpoint and gains the summary
     baffle("report", moved, "--out", out)
     assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    # ... so it has nothing to resume: refused, not retrained from round 1 over its finished metrics
+    before = (kept / "metrics.jsonl").read_bytes()
+    again = baffle("run", "--resume", kept, check=False)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"baffle: error: cannot resume {kept}: the run has finished (summary.json) and holds no checkpoint.pt"]
+    assert (kept / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_left_over_summary_does_not_make_a_partial_runs_copy_look_finished(tmp_path):
+    _, part = uninterrupted_and_killed(tmp_path, rounds=12, after=4)
+    (part / "summary.json").write_text('{"rounds": 12}')  # e.g. from an earlier life of the directory
+    assert not load_run(part).finished
+    baffle("report", part, "--out", tmp_path / "report")
+    kept = tmp_path / "report" / "runs" / "part"
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("failing", ["config.json", "metrics.jsonl", "checkpoint.pt"])
+def test_a_report_stopped_while_copying_leaves_a_copy_that_resumes_exactly(tmp_path, monkeypatch, failing):
+    """A report that stops midway through a kept copy (Ctrl-C, a full disk) leaves every metric
+    line of the copy's checkpoint: the copy is written config and metrics first."""
+    from baffle import report, runs
+    from baffle.config import RunConfig
+    from test_cli import MIDWAY, Killed
+
+    config = RunConfig(**{**MIDWAY, "rounds": 4}).validate()
+    full, run, out = tmp_path / "full", tmp_path / "run", tmp_path / "report"
+    runs.execute(config, full)
+
+    def stop_after(n):
+        def on_round(row):
+            if row["round"] == n:
+                raise Killed
+        return on_round
+
+    with pytest.raises(Killed):
+        runs.execute(config, run, on_round=stop_after(1))
+    report.build_report([run], out)  # the copy at round 1
+    with pytest.raises(Killed):
+        runs.execute(config, run, resume=True, on_round=stop_after(3))
+    real = report.atomic_write
+
+    def full_disk(path, data):
+        if path.name == failing:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(report, "atomic_write", full_disk)
+    with pytest.raises(OSError):
+        report.build_report([run], out)  # the copy from round 3 stops at `failing`
+    monkeypatch.setattr(report, "atomic_write", real)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(out / "runs" / "run", moved)
+    runs.execute(config, moved, resume=True)
+    assert metrics(moved) == metrics(full)
 
 
 def test_a_run_of_the_preset_gets_its_gap_to_the_paper_and_its_share_of_the_paper_budget():
