@@ -94,8 +94,10 @@ def _keep(path: Path, out: Path, name: str) -> str | None:
     The checkpoint is read before metrics.jsonl: a run appends a round's metric line
     before it replaces its checkpoint, so the lines read always cover the checkpoint
     read (lines past it are dropped on resume). The copy is written in the other order,
-    config and metrics before the checkpoint, so a copy interrupted midway (Ctrl-C, a
-    full disk) still holds every line of its checkpoint's rounds. A partial round that
+    config and metrics before the checkpoint (and a finished run's summary before an
+    older copy's checkpoint is removed), so a copy interrupted midway (Ctrl-C, a full
+    disk) still holds every line of its checkpoint's rounds, and never its metrics with
+    neither a checkpoint nor a summary (a resume would start over). A partial round that
     is not the checkpoint's next is ignored on resume.
 
     notes.md is nobody's state but its author's: the run's note seeds the kept copy,
@@ -114,7 +116,7 @@ def _keep(path: Path, out: Path, name: str) -> str | None:
     config = json.loads(data[CONFIG] or b"{}")
     metrics = parse_metrics((data[METRICS] or b"").decode(), upto=10**12)
     if _finished(config, metrics, data[SUMMARY] is not None):
-        order = (CONFIG, METRICS, CHECKPOINT, PARTIAL, SUMMARY)
+        order = (CONFIG, METRICS, SUMMARY, CHECKPOINT, PARTIAL)  # never metrics with neither summary nor checkpoint
         data[CHECKPOINT] = data[PARTIAL] = None
     else:  # a summary left over beside fewer rounds must not make the copy look finished
         order = (SUMMARY, CONFIG, METRICS, CHECKPOINT, PARTIAL)

@@ -181,8 +181,8 @@ def evaluated_rows(metrics: list[dict]) -> list[dict]:
 
 
 def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
-    """The stored config of run directory ``out``; ``config`` (if given) must match it."""
-    check_not_finished_copy(out)
+    """The stored config of run directory ``out``; ``config`` (if given) must match it,
+    and its checkpoint and metrics must be fit to continue (see read_checkpoint)."""
     values = read_json_object(out / CONFIG, f"cannot resume {out}")
     stored = RunConfig.from_dict(values, source=str(out / CONFIG)).validate()
     if config is not None and config != stored:
@@ -190,14 +190,33 @@ def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
         diff = next(k for k in a if a[k] != b[k])
         raise ConfigError(f"resume directory {out} was made with another configuration: "
                           f"{diff} = {a[diff]!r} there, {b[diff]!r} now")
+    read_checkpoint(out)
     return stored
 
 
-def check_not_finished_copy(out: Path) -> None:
-    """Refuse to resume a finished run without its checkpoint (e.g. a report's kept copy):
-    it would train again from round 1 over its finished metrics."""
-    if (out / SUMMARY).exists() and not (out / CHECKPOINT).exists():
-        raise ConfigError(f"cannot resume {out}: the run has finished ({SUMMARY}) and holds no {CHECKPOINT}")
+def read_checkpoint(out: Path) -> tuple[dict, list[dict]] | None:
+    """Run directory ``out``'s checkpoint and the metric lines of its rounds, or None when
+    it has no checkpoint (a run stopped in its first round). Refused (ConfigError): a
+    finished run without its checkpoint (a report's kept copy: it would train again from
+    round 1 over its finished metrics), a file that is no baffle checkpoint, and metrics
+    that lack a checkpointed round (a summary and curves over it would misstate the run)."""
+    if not (out / CHECKPOINT).exists():
+        if (out / SUMMARY).exists():
+            raise ConfigError(f"cannot resume {out}: the run has finished ({SUMMARY}) and holds no {CHECKPOINT}")
+        return None
+    try:
+        state = torch.load(out / CHECKPOINT, weights_only=True)
+        rounds = int(state["simulator"]["round"])
+        float(state["wall_seconds"])
+    except Exception as e:  # corrupt or foreign file: name it, do not execute it
+        raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable or not a baffle checkpoint "
+                          f"({type(e).__name__})") from None
+    metrics = read_metrics(out / METRICS, rounds)
+    gap = next((r for r, row in enumerate(metrics, 1) if row.get("round") != r), len(metrics) + 1)
+    if gap <= rounds:
+        raise ConfigError(f"cannot resume {out}: {METRICS} has no line for round {gap} in its place, "
+                          f"and {CHECKPOINT} is at round {rounds}")
+    return state, metrics
 
 
 def new_run_dir(config: RunConfig, out: Path | None) -> Path:
@@ -333,24 +352,18 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
     metrics: list[dict] = []
     wall = 0.0
     ckpt = out / CHECKPOINT
-    peak = 0.0  # MB; the largest peak RSS of the processes that finished a round of this run
-    if resume and ckpt.exists():
+    peak = 0.0  # MB; the largest peak RSS recorded in this run's checkpoints
+    loaded = read_checkpoint(out) if resume else None
+    if loaded:
+        state, metrics = loaded
         try:
-            state = torch.load(ckpt, weights_only=True)
             sim.load_state_dict(state["simulator"])
-            wall = float(state["wall_seconds"])
-            peak = float(state.get("peak_rss_mb", 0.0))  # absent in checkpoints written before 2026-12-03
-        except Exception as e:  # corrupt, foreign or another run's file: name it, do not execute it
-            raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable or not this run's "
+        except Exception as e:  # another model's checkpoint: name it, do not execute it
+            raise ConfigError(f"cannot resume {out}: {CHECKPOINT} does not fit this run's model "
                               f"({type(e).__name__})") from None
-        metrics = read_metrics(out / METRICS, sim.round)
-        gap = next((r for r, row in enumerate(metrics, 1) if row.get("round") != r), len(metrics) + 1)
-        if gap <= sim.round:  # a summary and curves over missing rounds would misstate the run
-            raise ConfigError(f"cannot resume {out}: {METRICS} has no line for round {gap} in its place, "
-                              f"and {CHECKPOINT} is at round {sim.round}")
+        wall = float(state["wall_seconds"])
+        peak = float(state.get("peak_rss_mb", 0.0))  # absent in checkpoints written before 2026-12-03
     else:
-        if resume:
-            check_not_finished_copy(out)
         write_json(out / CONFIG, config.to_dict())
     partial = PartialRound(out / PARTIAL, partial_every)
     done, partial_wall = partial.resume(sim.round) if resume else ({}, None)
@@ -394,7 +407,7 @@ def peak_rss_mb() -> float:
 
 
 def finish(out: Path, config: RunConfig, sim: Simulator, metrics: list[dict], peak_mb: float = 0.0) -> dict:
-    """Write the weights, summary.json and curves; ``peak_mb`` is the peak RSS of earlier sessions."""
+    """Write the weights, summary.json and curves; ``peak_mb``: the largest peak RSS in the run's checkpoints."""
     from safetensors.torch import save
 
     from .plots import plot_curves

@@ -200,17 +200,22 @@ def test_a_resume_refuses_a_checkpoint_or_metrics_that_do_not_fit_the_run(tmp_pa
                                           r"place, and checkpoint.pt is at round 3$"):
         resume(other)
     assert (other / "metrics.jsonl").read_text() == lines[0] + lines[2]  # left as it was
-    # a file that loads but is not this run's checkpoint: named, not a KeyError traceback
+    # the command refuses it before it loads any data: one line, exit 2
+    out = baffle("run", "--resume", other, check=False)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"baffle: error: cannot resume {other}: metrics.jsonl has no line for round 2")
+    # a file that loads but is no baffle checkpoint: named, not a KeyError traceback
     (other / "metrics.jsonl").write_text("".join(lines))
     torch.save({"model": torch.zeros(3)}, other / "checkpoint.pt")
-    with pytest.raises(ConfigError, match=r"^cannot resume .*other: checkpoint.pt is unreadable or not this "
-                                          r"run's \(KeyError\)$"):
+    with pytest.raises(ConfigError, match=r"^cannot resume .*other: checkpoint.pt is unreadable or not a baffle "
+                                          r"checkpoint \(KeyError\)$"):
         resume(other)
     # another model's checkpoint: the weights do not fit
     lenet = RunConfig(**{**MIDWAY, "model": "lenet", "rounds": 1}).validate()
     runs.execute(lenet, tmp_path / "lenet")
     shutil.copy(tmp_path / "lenet" / "checkpoint.pt", other / "checkpoint.pt")
-    with pytest.raises(ConfigError, match=r"not this run's \(RuntimeError\)$"):
+    with pytest.raises(ConfigError, match=r"^cannot resume .*other: checkpoint.pt does not fit this run's model "
+                                          r"\(RuntimeError\)$"):
         resume(other)
 
     # summary.json's peak memory is the largest over the run's sessions, not the last one's

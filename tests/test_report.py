@@ -124,29 +124,19 @@ def test_a_left_over_summary_does_not_make_a_partial_runs_copy_look_finished(tmp
     assert sorted(p.name for p in kept.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
 
 
-@pytest.mark.parametrize("failing", ["config.json", "metrics.jsonl", "checkpoint.pt"])
-def test_a_report_stopped_while_copying_leaves_a_copy_that_resumes_exactly(tmp_path, monkeypatch, failing):
-    """A report that stops midway through a kept copy (Ctrl-C, a full disk) leaves every metric
-    line of the copy's checkpoint: the copy is written config and metrics first."""
-    from baffle import report, runs
-    from baffle.config import RunConfig
-    from test_cli import MIDWAY, Killed
+def stop_after(n: int):
+    """An on_round callback that kills the run (nothing saved on the way out) once round ``n`` is checkpointed."""
+    from test_cli import Killed
 
-    config = RunConfig(**{**MIDWAY, "rounds": 4}).validate()
-    full, run, out = tmp_path / "full", tmp_path / "run", tmp_path / "report"
-    runs.execute(config, full)
+    def on_round(row):
+        if row["round"] == n:
+            raise Killed
+    return on_round
 
-    def stop_after(n):
-        def on_round(row):
-            if row["round"] == n:
-                raise Killed
-        return on_round
 
-    with pytest.raises(Killed):
-        runs.execute(config, run, on_round=stop_after(1))
-    report.build_report([run], out)  # the copy at round 1
-    with pytest.raises(Killed):
-        runs.execute(config, run, resume=True, on_round=stop_after(3))
+def copy_on_a_full_disk(monkeypatch, run, out, failing: str) -> None:
+    """``baffle report`` of ``run`` into ``out`` that stops (OSError) when it comes to write ``failing``."""
+    from baffle import report
     real = report.atomic_write
 
     def full_disk(path, data):
@@ -156,10 +146,37 @@ def test_a_report_stopped_while_copying_leaves_a_copy_that_resumes_exactly(tmp_p
 
     monkeypatch.setattr(report, "atomic_write", full_disk)
     with pytest.raises(OSError):
-        report.build_report([run], out)  # the copy from round 3 stops at `failing`
+        report.build_report([run], out)
     monkeypatch.setattr(report, "atomic_write", real)
+
+
+@pytest.mark.parametrize("failing, finished", [  # the files each copy writes: no summary, or no checkpoint
+    ("config.json", False), ("metrics.jsonl", False), ("checkpoint.pt", False),
+    ("config.json", True), ("metrics.jsonl", True), ("summary.json", True)])
+def test_a_report_stopped_while_copying_leaves_a_copy_that_resumes_exactly(tmp_path, monkeypatch, failing, finished):
+    """A report that stops midway through a kept copy (Ctrl-C, a full disk) leaves every metric
+    line of the copy's checkpoint (the copy is written config and metrics first), and never
+    metrics with neither checkpoint nor summary (a resume would start over from round 1)."""
+    from baffle import report, runs
+    from baffle.config import RunConfig
+    from test_cli import MIDWAY, Killed
+
+    config = RunConfig(**{**MIDWAY, "rounds": 4}).validate()
+    full, run, out = tmp_path / "full", tmp_path / "run", tmp_path / "report"
+    runs.execute(config, full)
+    with pytest.raises(Killed):
+        runs.execute(config, run, on_round=stop_after(1))
+    report.build_report([run], out)  # the copy at round 1
+    if finished:
+        runs.execute(config, run, resume=True)
+    else:
+        with pytest.raises(Killed):
+            runs.execute(config, run, resume=True, on_round=stop_after(3))
+    copy_on_a_full_disk(monkeypatch, run, out, failing)  # the copy of round 3 or 4 stops at `failing`
+    kept = out / "runs" / "run"
+    assert (kept / "checkpoint.pt").exists() or (kept / "summary.json").exists()
     moved = tmp_path / "elsewhere"
-    shutil.copytree(out / "runs" / "run", moved)
+    shutil.copytree(kept, moved)
     runs.execute(config, moved, resume=True)
     assert metrics(moved) == metrics(full)
 
