@@ -4,9 +4,9 @@
 
 For each run it keeps config.json, metrics.jsonl, summary.json (when the run
 finished), checkpoint.pt and round.partial.pt (while it has not) and notes.md
-(when someone wrote one) under OUT/runs/<name>/, so the report can be rebuilt from the repository alone
-(``baffle report docs/results/runs/* --out docs/results``) and a partial run resumed
-from its kept copy on another machine. It writes OUT/README.md, one section per preset family
+(when someone wrote one) under OUT/runs/<name>/, so the report can be rebuilt
+from the repository alone (``baffle report docs/results/runs/* --out docs/results``)
+and a partial run resumed from its kept copy on another machine. It writes OUT/README.md, one section per preset family
 (Table 1, ablations, Figure 2, non-iid: our accuracy beside the paper's, cited by
 table and row, and PNG plots of test accuracy against rounds and against client
 forward passes, OUT/<family>_{rounds,forward_passes}.png), then the forward passes
