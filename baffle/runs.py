@@ -402,7 +402,8 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (ru_maxrss is in KiB on Linux)."""
+    """This process's peak resident memory so far, in MB (ru_maxrss is in KiB on Linux): process-wide, so it
+    includes earlier runs made in the same process."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
