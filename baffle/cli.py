@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.out is not None:
             raise ConfigError("--out cannot be combined with --resume (the run continues in its own directory)")
-        stored = runs.check_resumable(args.resume, None)
+        stored = runs.check_resumable(args.resume)  # config, checkpoint and metrics, read once
         # the options given, over the stored values (not the run's preset as it is now: it may since have
         # been renamed, removed or edited); with --preset only --threads, as the preset is checked whole below
         given = {k: v for k, v in overrides.items() if k == "threads"} if args.preset else overrides
@@ -146,9 +146,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # a resume that restates its config must restate it exactly: a preset with its options in full,
         # options alone one by one
         if args.preset:
-            runs.check_resumable(args.resume, resolve(args.preset, overrides | {"threads": stored.threads}))
+            runs.check_restated(args.resume, stored, resolve(args.preset, overrides | {"threads": stored.threads}))
         elif overrides:
-            runs.check_resumable(args.resume, dataclasses.replace(restated, threads=stored.threads))
+            runs.check_restated(args.resume, stored, dataclasses.replace(restated, threads=stored.threads))
         config, out = stored, args.resume
     else:
         config = resolve(args.preset or DEFAULT_PRESET, overrides)

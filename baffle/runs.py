@@ -180,18 +180,24 @@ def evaluated_rows(metrics: list[dict]) -> list[dict]:
     return [m for m in metrics if m.get("test_top1") is not None]
 
 
-def check_resumable(out: Path, config: RunConfig | None) -> RunConfig:
+def check_resumable(out: Path, config: RunConfig | None = None) -> RunConfig:
     """The stored config of run directory ``out``; ``config`` (if given) must match it,
     and its checkpoint and metrics must be fit to continue (see read_checkpoint)."""
     values = read_json_object(out / CONFIG, f"cannot resume {out}")
     stored = RunConfig.from_dict(values, source=str(out / CONFIG)).validate()
-    if config is not None and config != stored:
+    if config is not None:
+        check_restated(out, stored, config)
+    read_checkpoint(out)
+    return stored
+
+
+def check_restated(out: Path, stored: RunConfig, config: RunConfig) -> None:
+    """A resume that restates its configuration (``config``) must restate ``stored`` exactly."""
+    if config != stored:
         a, b = stored.to_dict(), config.to_dict()
         diff = next(k for k in a if a[k] != b[k])
         raise ConfigError(f"resume directory {out} was made with another configuration: "
                           f"{diff} = {a[diff]!r} there, {b[diff]!r} now")
-    read_checkpoint(out)
-    return stored
 
 
 def read_checkpoint(out: Path) -> tuple[dict, list[dict]] | None:
@@ -441,4 +447,4 @@ def finish(out: Path, config: RunConfig, sim: Simulator, metrics: list[dict], pe
     return summary
 
 
-__all__ = ["DataError", "ConfigError", "Setup", "build", "execute", "check_resumable", "new_run_dir", "atomic_write"]
+__all__ = ["DataError", "ConfigError", "Setup", "build", "execute", "check_resumable", "check_restated", "new_run_dir", "atomic_write"]
