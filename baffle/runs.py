@@ -214,6 +214,7 @@ def read_checkpoint(out: Path) -> tuple[dict, list[dict]] | None:
         state = torch.load(out / CHECKPOINT, weights_only=True)
         rounds = int(state["simulator"]["round"])
         float(state["wall_seconds"])
+        float(state.get("peak_rss_mb", 0.0))  # absent in checkpoints written before 2026-12-03
     except Exception as e:  # corrupt or foreign file: name it, do not execute it
         raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable or not a baffle checkpoint "
                           f"({type(e).__name__})") from None
@@ -368,7 +369,7 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
             raise ConfigError(f"cannot resume {out}: {CHECKPOINT} does not fit this run's model "
                               f"({type(e).__name__})") from None
         wall = float(state["wall_seconds"])
-        peak = float(state.get("peak_rss_mb", 0.0))  # absent in checkpoints written before 2026-12-03
+        peak = float(state.get("peak_rss_mb", 0.0))
     else:
         write_json(out / CONFIG, config.to_dict())
     partial = PartialRound(out / PARTIAL, partial_every)

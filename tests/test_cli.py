@@ -218,6 +218,12 @@ def test_a_resume_refuses_a_checkpoint_or_metrics_that_do_not_fit_the_run(tmp_pa
                                           r"\(RuntimeError\)$"):
         resume(other)
 
+    # a hand-edited peak memory that is no number: named, not a ValueError traceback
+    ckpt["peak_rss_mb"] = "lots"
+    torch.save(ckpt, other / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"^cannot resume .*other: checkpoint.pt is unreadable or not a baffle "
+                                          r"checkpoint \(ValueError\)$"):
+        resume(other)
     # summary.json's peak memory is the largest over the run's sessions, not the last one's
     ckpt["peak_rss_mb"] = 123456.0
     torch.save(ckpt, run / "checkpoint.pt")
