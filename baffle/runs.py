@@ -205,7 +205,8 @@ def read_checkpoint(out: Path) -> tuple[dict, list[dict]] | None:
     it has no checkpoint (a run stopped in its first round). Refused (ConfigError): a
     finished run without its checkpoint (a report's kept copy: it would train again from
     round 1 over its finished metrics), a file that is no baffle checkpoint, and metrics
-    that lack a checkpointed round (a summary and curves over it would misstate the run)."""
+    that lack a checkpointed round (a summary and curves over it would misstate the run).
+    The state's wall_seconds and peak_rss_mb (0.0 where absent) come back as floats."""
     if not (out / CHECKPOINT).exists():
         if (out / SUMMARY).exists():
             raise ConfigError(f"cannot resume {out}: the run has finished ({SUMMARY}) and holds no {CHECKPOINT}")
@@ -213,8 +214,8 @@ def read_checkpoint(out: Path) -> tuple[dict, list[dict]] | None:
     try:
         state = torch.load(out / CHECKPOINT, weights_only=True)
         rounds = int(state["simulator"]["round"])
-        float(state["wall_seconds"])
-        float(state.get("peak_rss_mb", 0.0))  # absent in checkpoints written before 2026-12-03
+        state["wall_seconds"] = float(state["wall_seconds"])
+        state["peak_rss_mb"] = float(state.get("peak_rss_mb", 0.0))  # absent in checkpoints before 2026-12-03
     except Exception as e:  # corrupt or foreign file: name it, do not execute it
         raise ConfigError(f"cannot resume {out}: {CHECKPOINT} is unreadable or not a baffle checkpoint "
                           f"({type(e).__name__})") from None
@@ -368,8 +369,7 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
         except Exception as e:  # another model's checkpoint: name it, do not execute it
             raise ConfigError(f"cannot resume {out}: {CHECKPOINT} does not fit this run's model "
                               f"({type(e).__name__})") from None
-        wall = float(state["wall_seconds"])
-        peak = float(state.get("peak_rss_mb", 0.0))
+        wall, peak = state["wall_seconds"], state["peak_rss_mb"]  # floats: read_checkpoint parsed them
     else:
         write_json(out / CONFIG, config.to_dict())
     partial = PartialRound(out / PARTIAL, partial_every)
