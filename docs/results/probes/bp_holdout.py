@@ -10,16 +10,11 @@ and the code's input pipeline. The 10 iid clients then hold 5,500 images each, n
 
 ROUNDS defaults to 5 (bp_input_pipeline.py's probe length, so the two compare round by round).
 """
-import sys
-from pathlib import Path
-
 import numpy as np
 
-from baffle import data, runs
-from baffle.config import resolve
-from baffle.data import _base
+from baffle import data
 
-from bp_input_pipeline import unit_range_32
+from bp_input_pipeline import main
 
 HELD_OUT = 5000
 _load_mnist = data.DATASETS["mnist"]
@@ -33,13 +28,5 @@ def mnist_without_validation(root, *, seed=0):
 
 
 if __name__ == "__main__":
-    usage = "usage: .venv/bin/python docs/results/probes/bp_holdout.py OUT_DIR [ROUNDS]"
-    if len(sys.argv) not in (2, 3):
-        sys.exit(usage)
-    rounds = sys.argv[2] if len(sys.argv) == 3 else "5"
-    if not rounds.isdigit() or int(rounds) < 1:
-        sys.exit(f"ROUNDS must be a whole number >= 1, got {rounds!r}\n{usage}")
-    _base.normalise = unit_range_32  # make_dataset looks it up at call time
     data.DATASETS["mnist"] = mnist_without_validation  # load_dataset looks it up at call time
-    config = resolve("table1-lenet-mnist-bp", {"threads": 1, "rounds": int(rounds)})
-    print(runs.execute(config, Path(sys.argv[1])))
+    main("bp_holdout.py")

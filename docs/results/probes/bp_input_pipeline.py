@@ -26,8 +26,9 @@ def unit_range_32(u8, mean, std):
     return F.interpolate(_normalise(u8, (0.0,), (1.0,)), size=(32, 32), mode="bilinear", align_corners=False)
 
 
-if __name__ == "__main__":
-    usage = "usage: .venv/bin/python docs/results/probes/bp_input_pipeline.py OUT_DIR [ROUNDS]"
+def main(script: str) -> None:
+    """Run the probe: table1-lenet-mnist-bp with this input pipeline (and any patch the caller made)."""
+    usage = f"usage: .venv/bin/python docs/results/probes/{script} OUT_DIR [ROUNDS]"
     if len(sys.argv) not in (2, 3):
         sys.exit(usage)
     rounds = sys.argv[2] if len(sys.argv) == 3 else "5"
@@ -36,3 +37,7 @@ if __name__ == "__main__":
     _base.normalise = unit_range_32  # make_dataset looks it up at call time
     config = resolve("table1-lenet-mnist-bp", {"threads": 1, "rounds": int(rounds)})
     print(runs.execute(config, Path(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main("bp_input_pipeline.py")
