@@ -29,4 +29,4 @@ def mnist_without_validation(root, *, seed=0):
 
 if __name__ == "__main__":
     data.DATASETS["mnist"] = mnist_without_validation  # load_dataset looks it up at call time
-    main("bp_holdout.py")
+    main()

@@ -26,9 +26,9 @@ def unit_range_32(u8, mean, std):
     return F.interpolate(_normalise(u8, (0.0,), (1.0,)), size=(32, 32), mode="bilinear", align_corners=False)
 
 
-def main(script: str) -> None:
+def main() -> None:
     """Run the probe: table1-lenet-mnist-bp with this input pipeline (and any patch the caller made)."""
-    usage = f"usage: .venv/bin/python docs/results/probes/{script} OUT_DIR [ROUNDS]"
+    usage = f"usage: .venv/bin/python docs/results/probes/{Path(sys.argv[0]).name} OUT_DIR [ROUNDS]"
     if len(sys.argv) not in (2, 3):
         sys.exit(usage)
     rounds = sys.argv[2] if len(sys.argv) == 3 else "5"
@@ -40,4 +40,4 @@ def main(script: str) -> None:
 
 
 if __name__ == "__main__":
-    main("bp_input_pipeline.py")
+    main()
