@@ -28,8 +28,24 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + signal.SIGTERM
 
 
-def _terminate(signum, frame):
-    raise Terminated
+_stops: list[type[KeyboardInterrupt]] = []  # the stops asked for since the command started
+
+
+def _interrupt(signum, frame):
+    """Ctrl-C or SIGTERM: raise at once, wherever the main thread is, and remember the stop.
+
+    The raise can land in code that catches it and goes on (Python only prints an exception raised in a
+    finalizer, for one; a SIGTERM sent during a cold torch.compile was lost, silently, twice in 135 tries).
+    So the round loop also calls :func:`_stop_if_asked` between clients and rounds.
+    """
+    stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    _stops.append(stop)
+    raise stop
+
+
+def _stop_if_asked() -> None:
+    if _stops:
+        raise _stops[-1]
 
 
 def _interrupted_code(e: KeyboardInterrupt) -> int:
@@ -192,7 +208,8 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
 
             summary = run_on_flower(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
         else:
-            summary = runs.execute(config, out, resume=args.resume is not None, setup=setup, on_round=on_round)
+            summary = runs.execute(config, out, resume=args.resume is not None, setup=setup, on_round=on_round,
+                                   stop=_stop_if_asked)
     except KeyboardInterrupt as e:
         bar.close()
         code = _interrupted_code(e)
@@ -217,7 +234,10 @@ def _train(args: argparse.Namespace, config: RunConfig, out: Path, setup) -> int
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    _stops.clear()
+    # a signal ignored by whoever started us stays ignored (a script's background job ignores Ctrl-C)
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         if args.command == "presets":
             return cmd_presets()
@@ -238,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # before training started: nothing was written
         print("baffle: interrupted", file=sys.stderr)
         return _interrupted_code(e)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

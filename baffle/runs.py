@@ -295,15 +295,20 @@ def execute(
     setup: Setup | None = None,
     on_round: Callable[[dict], None] | None = None,
     partial_every: float = PARTIAL_EVERY_S,
+    stop: Callable[[], None] | None = None,
 ) -> dict:
-    """Run (or resume) ``config`` in directory ``out``; return the summary."""
+    """Run (or resume) ``config`` in directory ``out``; return the summary.
+
+    ``stop()`` is called after each batch of clients and each round; a KeyboardInterrupt it raises stops
+    the run there as Ctrl-C does, keeping the round's finished clients (the CLI's signal handlers use it).
+    """
     setup = setup or build(config)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out):
         # checked again under the lock: another process may have started a run here since
         if not resume:
             check_unused(out)
-        return _execute(config, out, resume, setup, on_round, partial_every)
+        return _execute(config, out, resume, setup, on_round, partial_every, stop or (lambda: None))
 
 
 class PartialRound:
@@ -355,7 +360,7 @@ class PartialRound:
 
 
 def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
-             on_round: Callable[[dict], None] | None, partial_every: float) -> dict:
+             on_round: Callable[[dict], None] | None, partial_every: float, stop: Callable[[], None]) -> dict:
     sim = setup.simulator
     metrics: list[dict] = []
     wall = 0.0
@@ -381,13 +386,18 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
         if on_round:
             on_round(row)
     started = time.perf_counter() - wall
+
+    def replied(batch: dict) -> None:
+        partial.add(batch, time.perf_counter() - started)
+        stop()
+
     with open(out / METRICS, "a") as log:
         while sim.round < config.rounds:
             last = sim.round + 1 == config.rounds
             partial.start(sim.round, done)
             try:
                 record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0, done=done,
-                                  on_replies=lambda batch: partial.add(batch, time.perf_counter() - started))
+                                  on_replies=replied)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep every finished client, not only the last save's
                 partial.save(time.perf_counter() - started)
                 raise
@@ -405,6 +415,7 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
             partial.finished()
             if on_round:
                 on_round(row)
+            stop()
     return finish(out, config, sim, metrics, peak)
 
 
