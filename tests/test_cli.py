@@ -107,15 +107,15 @@ class Killed(BaseException):
     """A kill no handler sees (SIGKILL, power loss): unlike KeyboardInterrupt, nothing is saved on the way out."""
 
 
-def stop_in_round_2(monkeypatch, name: str, calls: list, stop: list) -> None:
+def stop_at_third_client(monkeypatch, name: str, calls: list, stop: list, round_: int = 1) -> None:
     """Patch simulation.<name> (the client work) to log (round, clients) and raise
-    stop[0] (an exception class, or None) at round 2's third client."""
+    stop[0] (an exception class, or None) at the third client of round ``round_`` (0-based)."""
     from baffle import simulation
     real = getattr(simulation, name)
 
     def work(engine, data, plan, algo):
         clients = [d.client for d in (data if isinstance(data, list) else [data])]
-        if stop[0] and plan.round == 1 and clients[0] == 2:
+        if stop[0] and plan.round == round_ and clients[0] == 2:
             raise stop[0]
         calls.append((plan.round, clients))
         return real(engine, data, plan, algo)
@@ -134,7 +134,7 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
     full, part, stale = tmp_path / "full", tmp_path / "part", tmp_path / "stale"
     runs.execute(config, full)
     calls, stop = [], [Killed]
-    stop_in_round_2(monkeypatch, work, calls, stop)
+    stop_at_third_client(monkeypatch, work, calls, stop)
     with pytest.raises(Killed):
         runs.execute(config, part, partial_every=0)  # write the partial round after every batch of replies
     assert len(metrics(part)) == 1
@@ -180,6 +180,26 @@ def test_a_round_stopped_midway_resumes_from_its_finished_clients(tmp_path, monk
                                           r"delete it to redo round 2 from its start$"):
         runs.execute(config, tmp_path / "quick", resume=True, setup=runs.build(config))
     assert calls == []
+
+
+def test_a_run_stopped_in_its_first_round_resumes_from_its_finished_clients(tmp_path, monkeypatch):
+    """Before round 1 ends there is no checkpoint yet, only round.partial.pt (a WRN-10-2 K=200 round takes
+    hours on a CPU): a resume rebuilds the starting model from the config's seed and runs only the
+    clients not kept."""
+    config = RunConfig(**MIDWAY, mode="fedavg").validate()
+    full, part = tmp_path / "full", tmp_path / "part"
+    runs.execute(config, full)
+    calls, stop = [], [KeyboardInterrupt]
+    stop_at_third_client(monkeypatch, "client_update", calls, stop, round_=0)
+    with pytest.raises(KeyboardInterrupt):
+        runs.execute(config, part)
+    assert not (part / runs.CHECKPOINT).exists() and (part / "metrics.jsonl").read_text() == ""
+    assert sorted(torch.load(part / runs.PARTIAL, weights_only=True)["replies"]) == [0, 1]
+    calls.clear()
+    stop[0] = None
+    runs.execute(config, part, resume=True, setup=runs.build(config))
+    assert [c for r, cs in calls if r == 0 for c in cs] == [2, 3]  # round 1's other clients only
+    assert metrics(part) == metrics(full) and not (part / runs.PARTIAL).exists()
 
 
 def test_a_resume_refuses_a_checkpoint_or_metrics_that_do_not_fit_the_run(tmp_path):
