@@ -35,6 +35,12 @@ def metrics(run: Path) -> list[dict]:
     return rows
 
 
+def wait_until(done, deadline: float) -> None:
+    """Poll ``done()`` every 10 ms until it is true or time.time() passes ``deadline``."""
+    while time.time() < deadline and not done():
+        time.sleep(0.01)
+
+
 def uninterrupted_and_killed(tmp_path: Path, rounds: int, after: int) -> tuple[Path, Path]:
     """Two runs of SMALL for ``rounds`` rounds: tmp_path/full to the end, and tmp_path/part
     SIGKILLed once ``after`` rounds are logged, before the last."""
@@ -43,12 +49,8 @@ def uninterrupted_and_killed(tmp_path: Path, rounds: int, after: int) -> tuple[P
     baffle("run", *args, "--out", full)
     proc = subprocess.Popen([*BAFFLE, "run", *args, "--out", str(part), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = part / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= after:
-            break
-        time.sleep(0.01)
+    m = part / "metrics.jsonl"
+    wait_until(lambda: m.exists() and len(m.read_text().splitlines()) >= after, time.time() + 120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len((part / "metrics.jsonl").read_text().splitlines())
@@ -257,9 +259,7 @@ def test_ctrl_c_or_kill_says_how_to_resume(tmp_path, sig, code):
     run = tmp_path / "run"
     proc = subprocess.Popen([*BAFFLE, "run", *SMALL, "--rounds", "200", "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "checkpoint.pt").exists():
-        time.sleep(0.01)
+    wait_until((run / "checkpoint.pt").exists, time.time() + 120)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code
@@ -287,7 +287,7 @@ def test_a_stop_that_library_code_swallows_still_stops_the_run(tmp_path, monkeyp
     monkeypatch.setattr(simulation, "client_update", work)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     run = tmp_path / "run"
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in MIDWAY.items()]
+    args = [f"{cli._flag(k)}={v}" for k, v in MIDWAY.items()]
     assert cli.main(["run", *args, "--mode", "fedavg", "--engine", "loop", "--quiet", "--out", str(run)]) == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"baffle: interrupted; continue with: baffle run --resume {run}"
@@ -305,15 +305,14 @@ def test_a_background_job_that_ignores_ctrl_c_still_ignores_it(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.time() + 120
-    while time.time() < deadline and not (run / "checkpoint.pt").exists():
-        time.sleep(0.01)
+    wait_until((run / "checkpoint.pt").exists, deadline)
+
     def rounds():  # the run may be writing its next line
         return (run / "metrics.jsonl").read_bytes().count(b"\n")
 
     proc.send_signal(signal.SIGINT)
     at_sigint = rounds()
-    while time.time() < deadline and proc.poll() is None and rounds() < at_sigint + 4:
-        time.sleep(0.01)
+    wait_until(lambda: proc.poll() is not None or rounds() >= at_sigint + 4, deadline)
     assert proc.poll() is None, "SIGINT stopped a run that was started with it ignored"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -325,9 +324,7 @@ def test_a_run_directory_in_use_is_refused_and_left_intact(tmp_path):
     proc = subprocess.Popen([*BAFFLE, "run", *SMALL, "--rounds", "400", "--out", str(run), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (run / "checkpoint.pt").exists():
-            time.sleep(0.01)
+        wait_until((run / "checkpoint.pt").exists, time.time() + 120)
         second = baffle("run", "--resume", run, check=False)
         assert proc.poll() is None, "the first run ended before the second one tried"
         assert second.returncode == 2
