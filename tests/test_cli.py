@@ -53,7 +53,7 @@ def uninterrupted_and_killed(tmp_path: Path, rounds: int, after: int) -> tuple[P
     wait_until(lambda: m.exists() and len(m.read_text().splitlines()) >= after, time.time() + 120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len((part / "metrics.jsonl").read_text().splitlines())
+    done = len(m.read_text().splitlines())
     assert after <= done < rounds, "the run was not interrupted mid-way"
     assert not (part / "summary.json").exists()
     return full, part
