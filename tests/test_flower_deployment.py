@@ -3,12 +3,11 @@
 No Ray here, so this file may run beside test_flower.py (which counts Ray's processes).
 """
 import json
-import time
 
 import pytest
 
 from baffle.flower.local import LocalDeployment
-from test_flower import _processes_mentioning, rows
+from test_flower import _processes_mentioning, rows, wait_until
 
 
 @pytest.mark.parametrize("rounds,extra", [(2, ""), (1, " secure-aggregation=true")], ids=["plain", "secure"])
@@ -26,7 +25,6 @@ def test_deployment_on_loopback_runs_to_the_end_and_stops_cleanly(tmp_path, roun
     assert all(not r["rejected"] and r["skipped"] is None for r in got)
     assert all(r["secure_extra_bytes"] > 0 for r in got) == bool(extra)
     assert {p.name for p in run.iterdir()} >= {"config.json", "curves.png", "model.safetensors"}
-    deadline = time.monotonic() + 30  # the nodes' workers watch their parent and exit after it
-    while time.monotonic() < deadline and any(_processes_mentioning(f"127.0.0.1:{p}") for p in fed.ports):
-        time.sleep(0.5)
-    assert not [line for p in fed.ports for line in _processes_mentioning(f"127.0.0.1:{p}")]
+    def left() -> list[str]:  # the nodes' workers watch their parent and exit after it
+        return [line for p in fed.ports for line in _processes_mentioning(f"127.0.0.1:{p}")]
+    assert wait_until(lambda: not left(), 30), left()
