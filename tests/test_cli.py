@@ -35,10 +35,11 @@ def metrics(run: Path) -> list[dict]:
     return rows
 
 
-def wait_until(done, deadline: float) -> None:
-    """Poll ``done()`` every 10 ms until it is true or time.time() passes ``deadline``."""
-    while time.time() < deadline and not done():
-        time.sleep(0.01)
+def wait_until(done, deadline: float, every: float = 0.01):
+    """Call ``done()`` every ``every`` s until it is truthy or time.time() passes ``deadline``; its last value."""
+    while not (value := done()) and time.time() < deadline:
+        time.sleep(every)
+    return value
 
 
 def uninterrupted_and_killed(tmp_path: Path, rounds: int, after: int) -> tuple[Path, Path]:

@@ -26,6 +26,7 @@ from baffle.flower.local import free_port
 from baffle.flower.client_app import identify as baffle_identify
 from baffle.flower.client_app import train as baffle_train
 from baffle.flower.task import OFFLINE_ENV
+from test_cli import wait_until
 
 VENV_BIN = Path(sys.executable).parent
 BAFFLE = [sys.executable, "-m", "baffle.cli"]
@@ -98,12 +99,12 @@ def test_ctrl_c_on_flower_records_no_broken_round_and_the_run_resumes(tmp_path):
     before = ray_processes()
     proc = subprocess.Popen([*BAFFLE, "run", *args, "--engine", "flower", "--out", str(run), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    wait_until(lambda: (run / "metrics.jsonl").exists() and len(rows(run)) >= 3, 300, every=0.05)
+    wait_until(lambda: (run / "metrics.jsonl").exists() and len(rows(run)) >= 3, time.time() + 300, every=0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and f"baffle run --resume {run}" in err, err[-2000:]
     # the run's Ray cluster is shut down, not left behind
-    assert wait_until(lambda: not ray_processes() - before, 30), ray_processes() - before
+    assert wait_until(lambda: not ray_processes() - before, time.time() + 30, every=0.5), ray_processes() - before
     done = rows(run)
     assert 3 <= len(done) < 30 and all(r["skipped"] is None and not r["rejected"] for r in done)
     baffle("run", "--resume", run, "--quiet")
@@ -256,15 +257,8 @@ def test_flwr_run_on_a_local_simulation_federation(tmp_path):
         subprocess.run(["pkill", "-f", str(home)])
     assert "baffle: round 2 done, 4 clients" in out.stdout + out.stderr
     assert json.loads((run / "summary.json").read_text())["forward_passes_total"] == 2 * 4 * 11
-    assert wait_until(lambda: not _processes_mentioning(str(home)), 20), _processes_mentioning(str(home))
-
-
-def wait_until(done, timeout: float, every: float = 0.5):
-    """Call ``done()`` every ``every`` s until it is truthy or ``timeout`` s have passed; its last value."""
-    deadline = time.monotonic() + timeout
-    while not (value := done()) and time.monotonic() < deadline:
-        time.sleep(every)
-    return value
+    assert wait_until(lambda: not _processes_mentioning(str(home)), time.time() + 20, every=0.5), \
+        _processes_mentioning(str(home))
 
 
 def _processes_mentioning(text: str) -> list[str]:

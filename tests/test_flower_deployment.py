@@ -3,11 +3,13 @@
 No Ray here, so this file may run beside test_flower.py (which counts Ray's processes).
 """
 import json
+import time
 
 import pytest
 
 from baffle.flower.local import LocalDeployment
-from test_flower import _processes_mentioning, rows, wait_until
+from test_cli import wait_until
+from test_flower import _processes_mentioning, rows
 
 
 @pytest.mark.parametrize("rounds,extra", [(2, ""), (1, " secure-aggregation=true")], ids=["plain", "secure"])
@@ -27,4 +29,4 @@ def test_deployment_on_loopback_runs_to_the_end_and_stops_cleanly(tmp_path, roun
     assert {p.name for p in run.iterdir()} >= {"config.json", "curves.png", "model.safetensors"}
     def left() -> list[str]:  # the nodes' workers watch their parent and exit after it
         return [line for p in fed.ports for line in _processes_mentioning(f"127.0.0.1:{p}")]
-    assert wait_until(lambda: not left(), 30), left()
+    assert wait_until(lambda: not left(), time.time() + 30, every=0.5), left()
