@@ -21,18 +21,20 @@ SMALL = ["--dataset", "synthetic", "--model", "lenet", "--num-perturbations", "1
          "--num-clients", "4", "--eval-every", "2", "--train-eval-size", "100"]
 
 
-def baffle(*args, check=True, **kw):
-    out = subprocess.run([*BAFFLE, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
+def baffle(*args, check=True, timeout=300, **kw):
+    out = subprocess.run([*BAFFLE, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
     if check:
-        assert out.returncode == 0, out.stderr
+        assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("wall_seconds")
-    return rows
+    """The rows without wall_seconds, which differs between two runs of one config."""
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows(run)]
 
 
 def wait_until(done, deadline: float, every: float = 0.01):

@@ -4,6 +4,7 @@ Agreement with the in-process engine is tested at clients_per_forward 1: each cl
 then evaluates exactly the forward passes a Flower node evaluates, so the runs may
 differ only by float rounding of different thread counts (tolerance 1e-6 relative).
 """
+import functools
 import json
 import os
 import signal
@@ -26,7 +27,8 @@ from baffle.flower.local import free_port
 from baffle.flower.client_app import identify as baffle_identify
 from baffle.flower.client_app import train as baffle_train
 from baffle.flower.task import OFFLINE_ENV
-from test_cli import wait_until
+from test_cli import baffle as cli_baffle
+from test_cli import rows, wait_until
 
 VENV_BIN = Path(sys.executable).parent
 BAFFLE = [sys.executable, "-m", "baffle.cli"]
@@ -39,15 +41,7 @@ CLOSE = dict(rel=1e-6, abs=1e-9)
 # The deployment tests (no Ray) are in test_flower_deployment.py, free to run beside them.
 
 
-def baffle(*args, check=True):
-    out = subprocess.run([*BAFFLE, *map(str, args)], capture_output=True, text=True, timeout=600, env=ENV)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+baffle = functools.partial(cli_baffle, timeout=600, env=ENV)  # Ray's start-up needs the longer timeout
 
 
 def assert_same_run(a: Path, b: Path) -> None:

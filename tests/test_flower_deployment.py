@@ -8,8 +8,8 @@ import time
 import pytest
 
 from baffle.flower.local import LocalDeployment
-from test_cli import wait_until
-from test_flower import _processes_mentioning, rows
+from test_cli import rows, wait_until
+from test_flower import _processes_mentioning
 
 
 @pytest.mark.parametrize("rounds,extra", [(2, ""), (1, " secure-aggregation=true")], ids=["plain", "secure"])
