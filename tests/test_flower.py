@@ -28,10 +28,9 @@ from baffle.flower.client_app import identify as baffle_identify
 from baffle.flower.client_app import train as baffle_train
 from baffle.flower.task import OFFLINE_ENV
 from test_cli import baffle as cli_baffle
-from test_cli import rows, wait_until
+from test_cli import BAFFLE, rows, wait_until
 
 VENV_BIN = Path(sys.executable).parent
-BAFFLE = [sys.executable, "-m", "baffle.cli"]
 SMALL = ["--dataset", "synthetic", "--model", "lenet", "--num-perturbations", "10", "--batch-size", "16",
          "--num-clients", "4", "--eval-every", "1", "--train-eval-size", "100", "--threads", "2"]
 ENV = {**os.environ, **OFFLINE_ENV, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
