@@ -19,6 +19,8 @@ one weighted sum (see :mod:`baffle.aggregation`).
 """
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +147,24 @@ class ClientStats:
     train_loss: float
 
 
+@dataclass(frozen=True)
+class ClientProgress:
+    """A FedAvg client's local state after its first ``step`` local steps of round ``round``:
+    enough to finish the round as if it had never stopped (kept by the simulator, never sent).
+
+    Step s's batch and directions depend only on (seed, client, round, s), so resuming at
+    ``step`` with these weights, optimiser moments and counts gives the same delta bit for bit.
+    """
+
+    client: int
+    round: int
+    step: int
+    weights: torch.Tensor
+    optimizer: dict
+    forward_passes: int
+    loss_sum: float
+
+
 # ---- client data ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -179,10 +199,19 @@ class ClientData:
 
 # ---- client half ----------------------------------------------------------------------
 
-def client_update(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm) -> tuple[Upload, ClientStats]:
-    """What one client computes in a round, forward passes only for ``method='baffle'``."""
+def client_update(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm,
+                  resume: ClientProgress | None = None,
+                  on_step: Callable[[Callable[[], ClientProgress]], None] | None = None) -> tuple[Upload, ClientStats]:
+    """What one client computes in a round, forward passes only for ``method='baffle'``.
+
+    FedAvg only: ``resume`` continues the client from a :class:`ClientProgress`, and
+    ``on_step(snapshot)`` is called after each local step, ``snapshot()`` returning a copy
+    of the progress so far (taken only when called: the caller decides how often).
+    """
     if algo.mode == "fedavg":
-        return _fedavg_client(engine, data, plan, algo)
+        return _fedavg_client(engine, data, plan, algo, resume, on_step)
+    if resume is not None:
+        raise ValueError(f"only a fedavg client resumes mid-round, not a {algo.mode} one")
     if algo.method == "baffle":
         return fedsgd_clients(engine, [data], plan, algo)[0]
     x, y = data.batch(plan.round, algo.batch_size)
@@ -230,15 +259,24 @@ def local_steps(data: ClientData, algo: Algorithm) -> int:
     return min(steps, algo.local_steps) if algo.local_steps else steps
 
 
-def _fedavg_client(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm):
+def _fedavg_client(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm,
+                   resume: ClientProgress | None = None,
+                   on_step: Callable[[Callable[[], ClientProgress]], None] | None = None):
     w = torch.nn.Parameter(plan.weights.clone())
     opt = make_optimizer(algo.client_optimizer, w, algo.client_lr, algo.betas, algo.client_weight_decay)
     steps = local_steps(data, algo)
     step_seed = derive_seed(plan.seed, TAG_LOCAL, data.client)
-    forwards = 0
-    loss_sum = 0.0
+    first, forwards, loss_sum = 0, 0, 0.0
+    if resume is not None:
+        if (resume.client, resume.round) != (data.client, plan.round) or not 0 < resume.step <= steps:
+            raise ValueError(f"progress of client {resume.client} at step {resume.step} of round {resume.round + 1} "
+                             f"does not continue client {data.client} in round {plan.round + 1} ({steps} steps)")
+        with torch.no_grad():
+            w.copy_(resume.weights)
+        opt.load_state_dict(copy.deepcopy(resume.optimizer))
+        first, forwards, loss_sum = resume.step, resume.forward_passes, resume.loss_sum
     start = plan.round * steps  # the client's batch stream continues across rounds
-    for s in range(steps):
+    for s in range(first, steps):
         x, y = data.batch(start + s, algo.batch_size)
         if algo.method == "backprop":
             g, loss = engine.model.grad(w.detach(), x, y)
@@ -250,6 +288,9 @@ def _fedavg_client(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algo
         loss_sum += loss
         w.grad = g
         opt.step()
+        if on_step is not None:
+            on_step(lambda done=s + 1, f=forwards, ls=loss_sum: ClientProgress(
+                data.client, plan.round, done, w.detach().clone(), copy.deepcopy(opt.state_dict()), f, ls))
     backwards = steps if algo.method == "backprop" else 0
     delta = (w.detach() - plan.weights).to(torch.float32)
     return Upload(data.client, plan.round, delta), ClientStats(forwards, backwards, loss_sum / steps)

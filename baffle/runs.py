@@ -3,7 +3,8 @@
     config.json        the fully resolved RunConfig
     metrics.jsonl      one line per round (RoundRecord + wall_seconds)
     checkpoint.pt      state after the last finished round (for --resume)
-    round.partial.pt   replies of the clients done so far in the unfinished round
+    round.partial.pt   replies of the clients done so far in the unfinished round (and a
+                       FedAvg client's progress within its local steps)
     summary.json       final and best accuracy, totals, wall time, peak memory (over resumes)
     curves.png         accuracy and loss per round
     model.safetensors  the final evaluated weights (the EMA when it is on)
@@ -20,7 +21,12 @@ its progress in round.partial.pt: the replies of the clients done so far, writte
 atomically after a client's reply (or a group's, computed together) once
 ``partial_every`` seconds (PARTIAL_EVERY_S) have passed since the round started or
 the file was last written, and when the run is stopped (Ctrl-C; SIGTERM in the CLI).
-A resume runs only the round's other clients; the file is removed once the round's
+A FedAvg client's local steps (a WRN-10-2 K=500 client: 25 min on a 2-core CPU) are
+kept the same way: after a local step, once ``partial_every`` seconds have passed, the
+file also holds that client's progress (weights, optimiser moments, counts; see
+modes.ClientProgress), so a run killed mid-client loses at most that interval of it.
+A resume runs only the round's other clients, continuing the one in progress from its
+step; the file is removed once the round's
 checkpoint is written, and ignored if it belongs to another round than the checkpoint's next.
 """
 from __future__ import annotations
@@ -33,7 +39,7 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +49,7 @@ import torch
 from .config import ConfigError, RunConfig, read_json_object
 from .data import DataError, label_summary, load_dataset, partition
 from .models import ModelSpec, build_model
-from .modes import TAG_INIT, TAG_DATA, ClientStats, Upload
+from .modes import TAG_INIT, TAG_DATA, ClientProgress, ClientStats, Upload
 from .perturb import derive_seed
 from .simulation import Simulator
 
@@ -312,46 +318,63 @@ def execute(
 
 
 class PartialRound:
-    """The replies of the current round's clients so far, kept in round.partial.pt."""
+    """The replies of the current round's clients so far, and the progress of the FedAvg
+    client running now as last snapshotted, kept in round.partial.pt."""
 
     def __init__(self, path: Path, every: float):
         self.path, self.every = path, every
 
-    def resume(self, round_: int) -> tuple[dict, float | None]:
-        """(replies, wall_seconds) kept for round ``round_`` (0-based), or ({}, None)."""
+    def resume(self, round_: int) -> tuple[dict, float | None, ClientProgress | None]:
+        """(replies, wall_seconds, progress) kept for round ``round_`` (0-based), or ({}, None, None)."""
         if not self.path.exists():
-            return {}, None
+            return {}, None, None
         try:
             state = torch.load(self.path, weights_only=True)
             if int(state["round"]) != round_:
-                return {}, None
+                return {}, None, None
             replies = {int(c): r if isinstance(r, str) else (Upload(int(c), round_, r[0]), ClientStats(*r[1:]))
                        for c, r in state["replies"].items()}
             wall = float(state["wall_seconds"])
+            kept = state.get("progress")  # files written before progress was kept have none
+            progress = None if kept is None else ClientProgress(**kept)
+            if progress is not None and (progress.round != round_ or progress.client in replies):
+                raise ValueError("progress of another round or of a client that replied")
         except Exception as e:  # corrupt or foreign file: name it, do not execute it
             raise ConfigError(f"cannot resume {self.path.parent}: {PARTIAL} is unreadable "
                               f"({type(e).__name__}); delete it to redo round {round_ + 1} from its start") from None
-        return replies, wall
+        return replies, wall, progress
 
-    def start(self, round_: int, done: dict) -> None:
-        """Round ``round_`` (0-based) begins, its clients in ``done`` already replied."""
-        self.round, self.replies, self.saved = round_, dict(done), time.perf_counter()
+    def start(self, round_: int, done: dict, progress: ClientProgress | None = None) -> None:
+        """Round ``round_`` (0-based) begins, its clients in ``done`` already replied, and
+        ``progress`` (a client's, not in ``done``) kept from before."""
+        self.round, self.replies, self.progress, self.saved = round_, dict(done), progress, time.perf_counter()
 
     def add(self, replies: dict, wall_seconds: float) -> None:
         """Note a batch of replies; write the file if ``every`` seconds have passed since the last write."""
         self.replies.update(replies)
+        if self.progress is not None and self.progress.client in self.replies:
+            self.progress = None  # that client has replied: its progress is spent
         if time.perf_counter() - self.saved >= self.every:
             self.save(wall_seconds)
 
+    def step(self, snapshot: Callable[[], ClientProgress], wall_seconds: float) -> None:
+        """A client finished a local step: take its ``snapshot()`` and write the file, if
+        ``every`` seconds have passed since the last write (a snapshot copies the client's
+        weights and optimiser state, so it is taken only when written)."""
+        if time.perf_counter() - self.saved >= self.every:
+            self.progress = snapshot()
+            self.save(wall_seconds)
+
     def save(self, wall_seconds: float) -> None:
-        """Write the replies noted so far (none: nothing to keep, no file)."""
-        if not self.replies:
+        """Write the replies and progress noted so far (none: nothing to keep, no file)."""
+        if not self.replies and self.progress is None:
             return
         encoded = {c: r if isinstance(r, str) else (r[0].vector.clone(), r[1].forward_passes, r[1].backward_passes,
                                                      r[1].train_loss)
                    for c, r in self.replies.items()}
+        progress = None if self.progress is None else asdict(self.progress)
         buf = io.BytesIO()
-        torch.save({"round": self.round, "replies": encoded, "wall_seconds": wall_seconds}, buf)
+        torch.save({"round": self.round, "replies": encoded, "wall_seconds": wall_seconds, "progress": progress}, buf)
         atomic_write(self.path, buf.getvalue())
         self.saved = time.perf_counter()
 
@@ -378,7 +401,7 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
     else:
         write_json(out / CONFIG, config.to_dict())
     partial = PartialRound(out / PARTIAL, partial_every)
-    done, partial_wall = partial.resume(sim.round) if resume else ({}, None)
+    done, partial_wall, progress = partial.resume(sim.round) if resume else ({}, None, None)
     wall = partial_wall if partial_wall is not None else wall
     # metrics.jsonl holds exactly the checkpointed rounds before new lines are appended
     atomic_write(out / METRICS, "".join(json.dumps(r) + "\n" for r in metrics).encode())
@@ -391,17 +414,20 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
         partial.add(batch, time.perf_counter() - started)
         stop()
 
+    def stepped(snapshot: Callable[[], ClientProgress]) -> None:
+        partial.step(snapshot, time.perf_counter() - started)
+
     with open(out / METRICS, "a") as log:
         while sim.round < config.rounds:
             last = sim.round + 1 == config.rounds
-            partial.start(sim.round, done)
+            partial.start(sim.round, done, progress)
             try:
                 record = sim.step(evaluate=last or (sim.round + 1) % config.eval_every == 0, done=done,
-                                  on_replies=replied)
+                                  on_replies=replied, progress=progress, on_step=stepped)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep every finished client, not only the last save's
                 partial.save(time.perf_counter() - started)
                 raise
-            done = {}
+            done, progress = {}, None
             row = {**record.to_dict(), "wall_seconds": round(time.perf_counter() - started, 3)}
             metrics.append(row)
             log.write(json.dumps(row) + "\n")  # a torn last line is dropped on resume

@@ -38,8 +38,8 @@ from .engine import Engine
 from .flatmodel import FlatModel
 from .aggregation.options import SecureOptions
 from .edge import Refused
-from .modes import (TAG_EVAL, TAG_SAMPLE, TAG_SECURE, Algorithm, ClientData, ClientStats, RoundPlan, Upload,
-                    client_update, fedsgd_clients, round_seed, server_decode)
+from .modes import (TAG_EVAL, TAG_SAMPLE, TAG_SECURE, Algorithm, ClientData, ClientProgress, ClientStats,
+                    RoundPlan, Upload, client_update, fedsgd_clients, round_seed, server_decode)
 from .perturb import derive_seed
 from .server import Server, ServerOptions
 
@@ -177,7 +177,9 @@ class Simulator:
         return client_sampler(len(self.clients), self.client_fraction, rng).tolist()
 
     def step(self, evaluate: bool = True, done: Mapping[int, object] | None = None,
-             on_replies: Callable[[dict[int, object]], None] | None = None) -> RoundRecord:
+             on_replies: Callable[[dict[int, object]], None] | None = None,
+             progress: ClientProgress | None = None,
+             on_step: Callable[[Callable[[], ClientProgress]], None] | None = None) -> RoundRecord:
         """Run the next round; evaluate the (EMA) weights if asked.
 
         ``on_replies({client: reply})`` is called after each batch of clients computed
@@ -187,7 +189,9 @@ class Simulator:
         interrupted: those clients are not run again. A client's reply depends only on
         the round's plan and its own data, and whole batches are skipped, so the others
         are grouped as they would have been and the round ends as it would have
-        uninterrupted.
+        uninterrupted. FedAvg torch clients also report each local step: ``on_step(snapshot)``
+        (see :func:`client_update`), and ``progress``, such a snapshot of a client this round
+        that had not replied, continues that client from where it stopped.
         """
         t = self.round
         plan = RoundPlan(t, round_seed(self.seed, t), self.server.weights.clone())
@@ -209,7 +213,7 @@ class Simulator:
                 self._step_secure(outcome.result, plan)
             return self._finish_round(evaluate, chosen, losses, uplink, downlink, extra, skipped, rejected)
         replies = dict(done or {})
-        for batch in self._client_work([c for c in chosen if c not in replies], plan):
+        for batch in self._client_work([c for c in chosen if c not in replies], plan, progress, on_step):
             replies.update(batch)
             if on_replies is not None:
                 on_replies(batch)
@@ -287,7 +291,8 @@ class Simulator:
             rejected=rejected,
         )
 
-    def _client_work(self, chosen: list[int], plan: RoundPlan):
+    def _client_work(self, chosen: list[int], plan: RoundPlan, progress: ClientProgress | None = None,
+                     on_step: Callable[[Callable[[], ClientProgress]], None] | None = None):
         """Batches {client: (Upload, ClientStats) or the reason it refused} covering the
         chosen clients, one batch per piece of work done together.
 
@@ -309,7 +314,8 @@ class Simulator:
                 yield dict(zip(part, fedsgd_clients(self.engine, [self.clients[c] for c in part], plan, algo)))
         else:
             for c in local:
-                yield {c: client_update(self.engine, self.clients[c], plan, algo)}
+                resume = progress if progress is not None and progress.client == c else None
+                yield {c: client_update(self.engine, self.clients[c], plan, algo, resume, on_step)}
 
     def _edge_update(self, client: EdgeClient, data: ClientData, plan: RoundPlan):
         x, y = data.batch(plan.round, self.algorithm.batch_size)
