@@ -165,6 +165,11 @@ class ClientProgress:
     loss_sum: float
 
 
+# on_step(snapshot) after each FedAvg local step; snapshot() copies the progress so far, and is
+# valid only during that call (it reads the live weights and optimiser state)
+StepHook = Callable[[Callable[[], ClientProgress]], None]
+
+
 # ---- client data ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -200,13 +205,13 @@ class ClientData:
 # ---- client half ----------------------------------------------------------------------
 
 def client_update(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm,
-                  resume: ClientProgress | None = None,
-                  on_step: Callable[[Callable[[], ClientProgress]], None] | None = None) -> tuple[Upload, ClientStats]:
+                  resume: ClientProgress | None = None, on_step: StepHook | None = None) -> tuple[Upload, ClientStats]:
     """What one client computes in a round, forward passes only for ``method='baffle'``.
 
     FedAvg only: ``resume`` continues the client from a :class:`ClientProgress`, and
     ``on_step(snapshot)`` is called after each local step, ``snapshot()`` returning a copy
-    of the progress so far (taken only when called: the caller decides how often).
+    of the progress so far (taken only when called, during that call: the caller decides
+    how often).
     """
     if algo.mode == "fedavg":
         return _fedavg_client(engine, data, plan, algo, resume, on_step)
@@ -260,8 +265,7 @@ def local_steps(data: ClientData, algo: Algorithm) -> int:
 
 
 def _fedavg_client(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algorithm,
-                   resume: ClientProgress | None = None,
-                   on_step: Callable[[Callable[[], ClientProgress]], None] | None = None):
+                   resume: ClientProgress | None = None, on_step: StepHook | None = None):
     w = torch.nn.Parameter(plan.weights.clone())
     opt = make_optimizer(algo.client_optimizer, w, algo.client_lr, algo.betas, algo.client_weight_decay)
     steps = local_steps(data, algo)
@@ -273,6 +277,8 @@ def _fedavg_client(engine: Engine, data: ClientData, plan: RoundPlan, algo: Algo
                              f"does not continue client {data.client} in round {plan.round + 1} ({steps} steps)")
         with torch.no_grad():
             w.copy_(resume.weights)
+        # Adam keeps the tensors it is given and updates them in place: copy, so that ``resume``
+        # (which the caller may still hold and save) stays the state after its step
         opt.load_state_dict(copy.deepcopy(resume.optimizer))
         first, forwards, loss_sum = resume.step, resume.forward_passes, resume.loss_sum
     start = plan.round * steps  # the client's batch stream continues across rounds

@@ -21,13 +21,13 @@ its progress in round.partial.pt: the replies of the clients done so far, writte
 atomically after a client's reply (or a group's, computed together) once
 ``partial_every`` seconds (PARTIAL_EVERY_S) have passed since the round started or
 the file was last written, and when the run is stopped (Ctrl-C; SIGTERM in the CLI).
-A FedAvg client's local steps (a WRN-10-2 K=500 client: 25 min on a 2-core CPU) are
-kept the same way: after a local step, once ``partial_every`` seconds have passed, the
-file also holds that client's progress (weights, optimiser moments, counts; see
-modes.ClientProgress), so a run killed mid-client loses at most that interval of it.
-A resume runs only the round's other clients, continuing the one in progress from its
-step; the file is removed once the round's
-checkpoint is written, and ignored if it belongs to another round than the checkpoint's next.
+An in-process FedAvg client's local steps (a WRN-10-2 K=500 client: 25 min on a 2-core
+CPU) are kept the same way: after a local step, once ``partial_every`` seconds have
+passed, the file also holds that client's progress (weights, optimiser moments, counts;
+see modes.ClientProgress), so a run killed mid-client loses at most that interval and
+one step of it. A resume runs only the round's other clients, continuing the one in
+progress from its step; the file is removed once the round's checkpoint is written, and
+ignored if it belongs to another round than the checkpoint's next.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -337,8 +337,10 @@ class PartialRound:
             wall = float(state["wall_seconds"])
             kept = state.get("progress")  # files written before progress was kept have none
             progress = None if kept is None else ClientProgress(**kept)
-            if progress is not None and (progress.round != round_ or progress.client in replies):
-                raise ValueError("progress of another round or of a client that replied")
+            if progress is not None and progress.round != round_:
+                raise ValueError(f"progress of round {progress.round + 1} in round {round_ + 1}'s file")
+            if progress is not None and progress.client in replies:
+                progress = None  # that client replied after its last snapshot: its reply stands
         except Exception as e:  # corrupt or foreign file: name it, do not execute it
             raise ConfigError(f"cannot resume {self.path.parent}: {PARTIAL} is unreadable "
                               f"({type(e).__name__}); delete it to redo round {round_ + 1} from its start") from None
@@ -352,27 +354,27 @@ class PartialRound:
     def add(self, replies: dict, wall_seconds: float) -> None:
         """Note a batch of replies; write the file if ``every`` seconds have passed since the last write."""
         self.replies.update(replies)
-        if self.progress is not None and self.progress.client in self.replies:
-            self.progress = None  # that client has replied: its progress is spent
         if time.perf_counter() - self.saved >= self.every:
             self.save(wall_seconds)
 
-    def step(self, snapshot: Callable[[], ClientProgress], wall_seconds: float) -> None:
+    def step(self, snapshot: Callable[[], ClientProgress], wall_seconds: float, now: bool = False) -> None:
         """A client finished a local step: take its ``snapshot()`` and write the file, if
-        ``every`` seconds have passed since the last write (a snapshot copies the client's
-        weights and optimiser state, so it is taken only when written)."""
-        if time.perf_counter() - self.saved >= self.every:
+        ``every`` seconds have passed since the last write or ``now`` (a snapshot copies the
+        client's weights and optimiser state, so it is taken only when written)."""
+        if now or time.perf_counter() - self.saved >= self.every:
             self.progress = snapshot()
             self.save(wall_seconds)
 
     def save(self, wall_seconds: float) -> None:
-        """Write the replies and progress noted so far (none: nothing to keep, no file)."""
-        if not self.replies and self.progress is None:
+        """Write the replies noted so far, and the last progress of a client that has not replied
+        (none of either: nothing to keep, no file)."""
+        progress = self.progress if self.progress is not None and self.progress.client not in self.replies else None
+        if not self.replies and progress is None:
             return
         encoded = {c: r if isinstance(r, str) else (r[0].vector.clone(), r[1].forward_passes, r[1].backward_passes,
                                                      r[1].train_loss)
                    for c, r in self.replies.items()}
-        progress = None if self.progress is None else asdict(self.progress)
+        progress = None if progress is None else dict(vars(progress))
         buf = io.BytesIO()
         torch.save({"round": self.round, "replies": encoded, "wall_seconds": wall_seconds, "progress": progress}, buf)
         atomic_write(self.path, buf.getvalue())
@@ -416,6 +418,11 @@ def _execute(config: RunConfig, out: Path, resume: bool, setup: Setup,
 
     def stepped(snapshot: Callable[[], ClientProgress]) -> None:
         partial.step(snapshot, time.perf_counter() - started)
+        try:
+            stop()
+        except KeyboardInterrupt:  # a stop asked for mid-step: keep the client as of this whole step
+            partial.step(snapshot, time.perf_counter() - started, now=True)
+            raise
 
     with open(out / METRICS, "a") as log:
         while sim.round < config.rounds:

@@ -39,7 +39,7 @@ from .flatmodel import FlatModel
 from .aggregation.options import SecureOptions
 from .edge import Refused
 from .modes import (TAG_EVAL, TAG_SAMPLE, TAG_SECURE, Algorithm, ClientData, ClientProgress, ClientStats,
-                    RoundPlan, Upload, client_update, fedsgd_clients, round_seed, server_decode)
+                    RoundPlan, StepHook, Upload, client_update, fedsgd_clients, round_seed, server_decode)
 from .perturb import derive_seed
 from .server import Server, ServerOptions
 
@@ -178,8 +178,7 @@ class Simulator:
 
     def step(self, evaluate: bool = True, done: Mapping[int, object] | None = None,
              on_replies: Callable[[dict[int, object]], None] | None = None,
-             progress: ClientProgress | None = None,
-             on_step: Callable[[Callable[[], ClientProgress]], None] | None = None) -> RoundRecord:
+             progress: ClientProgress | None = None, on_step: StepHook | None = None) -> RoundRecord:
         """Run the next round; evaluate the (EMA) weights if asked.
 
         ``on_replies({client: reply})`` is called after each batch of clients computed
@@ -292,7 +291,7 @@ class Simulator:
         )
 
     def _client_work(self, chosen: list[int], plan: RoundPlan, progress: ClientProgress | None = None,
-                     on_step: Callable[[Callable[[], ClientProgress]], None] | None = None):
+                     on_step: StepHook | None = None):
         """Batches {client: (Upload, ClientStats) or the reason it refused} covering the
         chosen clients, one batch per piece of work done together.
 

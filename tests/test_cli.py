@@ -220,8 +220,12 @@ def test_a_fedavg_client_resumed_after_any_local_step_gives_the_same_delta(metho
     whole, stats = client_update(sim.engine, data, plan, algo, on_step=lambda snap: snapshots.append(snap()))
     steps = local_steps(data, algo)
     assert steps >= 3 and [p.step for p in snapshots] == list(range(1, steps + 1))
-    for kept in (snapshots[0], snapshots[steps // 2], snapshots[-1]):
-        again, again_stats = client_update(sim.engine, data, plan, algo, resume=kept)
+    # each resumed twice: the first resume must not change the progress it was given
+    for kept in (snapshots[0], snapshots[steps // 2], snapshots[steps // 2], snapshots[-1]):
+        later = []
+        again, again_stats = client_update(sim.engine, data, plan, algo, resume=kept,
+                                           on_step=lambda snap: later.append(snap().step))
+        assert later == list(range(kept.step + 1, steps + 1))  # only the steps not done yet
         assert torch.equal(again.vector, whole.vector) and again_stats == stats
     # progress belongs to one client and round
     with pytest.raises(ValueError, match=r"^progress of client 1 at step 1 of round 2 does not continue client 2 "):
@@ -251,11 +255,13 @@ def test_a_run_stopped_within_a_fedavg_client_resumes_from_its_last_kept_step(tm
     kept = torch.load(part / runs.PARTIAL, weights_only=True)
     assert kept["round"] == 1 and sorted(kept["replies"]) == [0, 1]
     assert (kept["progress"]["client"], kept["progress"]["step"]) == (2, 3)
-    bad = tmp_path / "bad"  # the same, with a progress for a client that has replied
-    shutil.copytree(part, bad)
-    buf = io.BytesIO()
-    torch.save({**kept, "replies": {**kept["replies"], 2: "refused"}}, buf)
-    (bad / runs.PARTIAL).write_bytes(buf.getvalue())
+    bad, replied = tmp_path / "bad", tmp_path / "replied"  # the same with a progress of another round,
+    for where, state in ((bad, {**kept, "progress": {**kept["progress"], "round": 0}}),  # and of a client
+                         (replied, {**kept, "replies": {**kept["replies"], 2: "refused"}})):  # that replied
+        shutil.copytree(part, where)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        (where / runs.PARTIAL).write_bytes(buf.getvalue())
 
     monkeypatch.setattr(runs.PartialRound, "step", real_step)
     resumed = []
@@ -268,11 +274,39 @@ def test_a_run_stopped_within_a_fedavg_client_resumes_from_its_last_kept_step(tm
     runs.execute(config, part, resume=True, setup=runs.build(config))
     assert resumed[:2] == [(1, 2, 3), (1, 3, 0)]  # client 3 from its step 3, client 4 from the start
     assert metrics(part) == metrics(full) and not (part / runs.PARTIAL).exists()
-    # a progress that does not fit the round's replies is named, and nothing is run
+    # a progress of another round is named, and nothing is run; one of a client that replied is spent
     resumed.clear()
     with pytest.raises(ConfigError, match=r"^cannot resume .*bad: round.partial.pt is unreadable \(ValueError\); "):
         runs.execute(config, bad, resume=True, setup=runs.build(config))
     assert resumed == []
+    runs.execute(config, replied, resume=True, setup=runs.build(config))
+    assert resumed[:1] == [(1, 3, 0)]
+
+    # a stop (Ctrl-C, SIGTERM) between two local steps keeps the client as of its last whole step, with
+    # the default interval too (these rounds are too short for a periodic write)
+    asked = []
+
+    def asking(engine, data, plan, algo, resume=None, on_step=None):
+        def hook(snapshot):
+            if (plan.round, data.client) == (1, 2) and snapshot().step == 3:
+                asked.append(True)
+            on_step(snapshot)
+        return modes.client_update(engine, data, plan, algo, resume, hook)
+
+    def stop():
+        if asked:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulation, "client_update", asking)
+    with pytest.raises(KeyboardInterrupt):
+        runs.execute(config, tmp_path / "stopped", stop=stop)
+    kept = torch.load(tmp_path / "stopped" / runs.PARTIAL, weights_only=True)
+    assert sorted(kept["replies"]) == [0, 1] and (kept["progress"]["client"], kept["progress"]["step"]) == (2, 3)
+    asked.clear()
+    monkeypatch.setattr(simulation, "client_update", client)
+    resumed.clear()
+    runs.execute(config, tmp_path / "stopped", resume=True, setup=runs.build(config))
+    assert resumed[:1] == [(1, 2, 3)] and metrics(tmp_path / "stopped") == metrics(full)
 
 
 def test_a_resume_refuses_a_checkpoint_or_metrics_that_do_not_fit_the_run(tmp_path):
@@ -342,7 +376,8 @@ def test_ctrl_c_or_kill_says_how_to_resume(tmp_path, sig, code):
 def test_a_stop_that_library_code_swallows_still_stops_the_run(tmp_path, monkeypatch, capsys, sig, code):
     """The handler raises wherever the main thread is. Where that is code which catches the interrupt and
     goes on (Python only prints an exception raised in a finalizer, for one), the run still
-    stops after the client it is in, keeping the round's finished clients. Seen twice in 135 SIGTERMs sent
+    stops after the FedAvg local step (or the client) it is in, keeping the round's finished clients
+    and that client's progress. Seen twice in 135 SIGTERMs sent
     during a cold torch.compile: the run went on to its last round and exited 0."""
     from baffle import cli, simulation
     real = simulation.client_update
@@ -363,7 +398,8 @@ def test_a_stop_that_library_code_swallows_still_stops_the_run(tmp_path, monkeyp
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"baffle: interrupted; continue with: baffle run --resume {run}"
     assert len(metrics(run)) == 1  # round 2 did not finish
-    assert sorted(torch.load(run / runs.PARTIAL, weights_only=True)["replies"]) == [0, 1, 2]
+    kept = torch.load(run / runs.PARTIAL, weights_only=True)
+    assert sorted(kept["replies"]) == [0, 1] and (kept["progress"]["client"], kept["progress"]["step"]) == (2, 1)
     # the command gives back the signal handlers it found
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
