@@ -86,10 +86,10 @@ def _keep(path: Path, out: Path, name: str) -> str | None:
     """Copy the run's small files into OUT/runs/<name>/ (atomically; a no-op on itself).
 
     An unfinished run's checkpoint.pt (and round.partial.pt, the clients done in its
-    unfinished round and the progress of the one running) is kept too, so the kept copy is itself a run directory that
-    ``baffle run --resume`` continues on any machine; a finished run's copy holds
-    neither, and an unfinished one's no summary.json. "Finished" is decided as in the
-    report (load_run), on the bytes read here.
+    unfinished round and the progress of the one running) is kept too, so the kept copy
+    is itself a run directory that ``baffle run --resume`` continues on any machine; a
+    finished run's copy holds neither, and an unfinished one's no summary.json. "Finished"
+    is decided as in the report (load_run), on the bytes read here.
 
     The checkpoint is read before metrics.jsonl: a run appends a round's metric line
     before it replaces its checkpoint, so the lines read always cover the checkpoint

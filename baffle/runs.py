@@ -325,7 +325,10 @@ class PartialRound:
         self.path, self.every = path, every
 
     def resume(self, round_: int) -> tuple[dict, float | None, ClientProgress | None]:
-        """(replies, wall_seconds, progress) kept for round ``round_`` (0-based), or ({}, None, None)."""
+        """(replies, wall_seconds, progress) kept for round ``round_`` (0-based), or ({}, None, None).
+
+        A progress of a client that has since replied is never run (the simulator skips replied
+        clients) nor written again (save() drops it)."""
         if not self.path.exists():
             return {}, None, None
         try:
@@ -339,8 +342,6 @@ class PartialRound:
             progress = None if kept is None else ClientProgress(**kept)
             if progress is not None and progress.round != round_:
                 raise ValueError(f"progress of round {progress.round + 1} in round {round_ + 1}'s file")
-            if progress is not None and progress.client in replies:
-                progress = None  # that client replied after its last snapshot: its reply stands
         except Exception as e:  # corrupt or foreign file: name it, do not execute it
             raise ConfigError(f"cannot resume {self.path.parent}: {PARTIAL} is unreadable "
                               f"({type(e).__name__}); delete it to redo round {round_ + 1} from its start") from None
